@@ -1,0 +1,23 @@
+# Fresh machine: `make demo` (the main job) and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m fastdrag demo --out demo.png
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.latency
+
+.PHONY: install demo test bench

@@ -1,0 +1,128 @@
+"""The face: fastdrag.edit() and fastdrag.Editor."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import kernels as fast_ops
+from .config import BaseConfig, make_config
+from .errors import ConfigError
+from .kernels import reference as reference_ops
+from .methods import METHODS, _load_all
+from .model import DragModel, load_model
+from .pipeline import DragContext, Prepared, Progress, Reporter, decode, make_request, prepare
+
+DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
+
+
+@dataclass
+class EditResult:
+    image: Image.Image  # same size as the input
+    points: list[tuple[float, float]]  # final handle positions, image pixels (x, y)
+    timings: dict[str, float]  # seconds per stage: lora, invert, drag, denoise, decode, total
+    method: str
+    config: BaseConfig
+    trace: dict = field(default_factory=dict)  # per-step records: ms_loss, handles, steps, ...
+
+
+def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:
+    if cfg.backend == "auto":
+        return "fast" if model.device.type == "cuda" else "reference"
+    return cfg.backend
+
+
+class Editor:
+    """Keeps per-image preparation (LoRA weights, inverted latent, reference features) so that dragging the
+    same image again skips it. The cache key covers everything that changes the prepared state: the image
+    pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend."""
+
+    def __init__(self, model: DragModel, *, max_cached: int = 4):
+        self.model = model
+        self.max_cached = max_cached
+        self._prepared: OrderedDict = OrderedDict()
+        self._loras: OrderedDict = OrderedDict()
+
+    def clear(self) -> None:
+        self._prepared.clear()
+        self._loras.clear()
+
+    def _key(self, req, cfg: BaseConfig, seed: int, backend: str) -> tuple:
+        return (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size,
+                cfg.lora_rank, cfg.n_inference_step, cfg.inversion_strength, backend, str(self.model.dtype))
+
+    def _prepare(self, req, cfg, seed, backend, reporter) -> Prepared:
+        key = self._key(req, cfg, seed, backend)
+        if key in self._prepared:
+            self._prepared.move_to_end(key)
+            prep = self._prepared[key]
+            from .lora import set_lora
+
+            set_lora(self.model.unet, prep.lora)
+            return prep
+        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras)
+        self._prepared[key] = prep
+        for cache in (self._prepared, self._loras):
+            while len(cache) > self.max_cached:
+                cache.popitem(last=False)
+        return prep
+
+    def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
+             progress: Callable[[Progress], None] | None = None, preset: str | None = None,
+             **overrides) -> EditResult:
+        """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
+        _load_all()
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+        cfg = make_config(method, preset=preset, **overrides)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an int, got {seed!r}")
+        req = make_request(image, points, mask, prompt)
+        backend = resolve_backend(cfg, self.model)
+        reporter = Reporter(progress, self.model.device)
+        t0 = time.perf_counter()
+        prep = self._prepare(req, cfg, seed, backend, reporter)
+        ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
+                          ops=fast_ops if backend == "fast" else reference_ops,
+                          lazy_upsample=backend == "fast", reporter=reporter, seed=seed)
+        try:
+            out = METHODS[method](ctx)
+        finally:
+            ctx.unet_features.close()
+        with reporter.stage("decode"):
+            img = decode(self.model, out.latent, req.size)
+        timings = {k: reporter.timings.get(k, 0.0) for k in ("lora", "invert", "drag", "denoise", "decode")}
+        timings["total"] = time.perf_counter() - t0
+        return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
+                          config=cfg, trace=out.trace)
+
+
+_editors: dict[int, Editor] = {}
+
+
+def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", model: DragModel | None = None,
+         seed: int = 42, progress: Callable[[Progress], None] | None = None, **overrides) -> EditResult:
+    """Run one drag edit.
+
+    image: PIL.Image | HxWx3 uint8 ndarray | path. points: [((hx, hy), (tx, ty)), ...] in image pixels (x, y).
+    mask: HxW bool/uint8 (1 = may change), a PIL image or a path; None = the whole image may change.
+    method: "dragdiffusion" | "gooddrag" | "dragtext" | "clipdrag". model: from load_model(); None loads SD-1.5.
+    overrides: any field of the method's config (e.g. n_pix_step=40, latent_lr=0.02) and preset="bench"/"ui".
+    Repeat calls with the same model reuse the prepared image (LoRA, inversion) where the settings allow.
+    """
+    if model is None:
+        model = load_model(DEFAULT_MODEL)
+    editor = _editors.get(id(model))
+    if editor is None or editor.model is not model:
+        _editors.clear()
+        editor = _editors[id(model)] = Editor(model, max_cached=1)
+    return editor.edit(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
+                       **overrides)
+
+
+__all__ = ["edit", "Editor", "EditResult", "resolve_backend"]

@@ -1,0 +1,192 @@
+"""One dataclass per method, with the official defaults (../spec), and named presets.
+
+Field names follow the official code where one exists (lora_steps, latent_lr, n_pix_step, r_m, r_p, lam,
+start_step, start_layer, drag_end_step, max_drag_per_track, ...). A method's config is built by
+`make_config(method, preset=None, **overrides)`: unknown keys, unknown presets and non-finite or
+out-of-range values raise ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+
+BACKENDS = ("auto", "reference", "fast")
+
+
+@dataclass
+class BaseConfig:
+    """What every method shares: the DragDiffusion backbone (SD-1.5, DDIM 50, guidance 1)."""
+
+    # identity-preserving LoRA (spec dragdiffusion 1.2)
+    lora_steps: int = 80
+    lora_lr: float = 5e-4
+    lora_batch_size: int = 4
+    lora_rank: int = 16
+    # DDIM schedule and inversion (spec 1.4-1.5)
+    n_inference_step: int = 50
+    inversion_strength: float = 0.7
+    # features: 0 = mid block, 1..4 = up_blocks[0..3] output; 3 = up_blocks[2] (spec 1.6)
+    unet_feature_idx: int = 3
+    # latent optimization
+    latent_lr: float = 0.01
+    lam: float = 0.1  # weight of the masked one-step DDIM term
+    stop_distance: float = 2.0  # half-resolution feature px; reach / skip threshold
+    # mutual self-attention while denoising (spec 1.8)
+    start_step: int = 0
+    start_layer: int = 10
+    # DragText: the text embedding as a second optimized leaf (spec dragtext A)
+    optimize_text: bool = False
+    text_lr: float = 0.004
+    text_lam: float = 0.1
+    # execution
+    backend: str = "auto"  # "reference" (plain PyTorch, fp32) | "fast" | "auto" (= fast on CUDA)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be finite, got {v!r}")
+        if not isinstance(self.lora_steps, int) or isinstance(self.lora_steps, bool) or self.lora_steps < 0:
+            raise ConfigError(f"lora_steps must be an integer >= 0 (0 = no LoRA), got {self.lora_steps!r}")
+        positive_ints = ["lora_batch_size", "lora_rank", "n_inference_step"]
+        for name in positive_ints + [n for n in self._positive_ints() if hasattr(self, n)]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ["lora_lr", "latent_lr", "text_lr", "stop_distance"]:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ["lam", "text_lam"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.inversion_strength <= 1:
+            raise ConfigError(f"inversion_strength must be in (0, 1], got {self.inversion_strength!r}")
+        if round(self.inversion_strength * self.n_inference_step) < 1:
+            raise ConfigError("inversion_strength * n_inference_step rounds to 0 steps: nothing to edit")
+        if self.unet_feature_idx not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"unet_feature_idx must be 0..4 (0 = mid block, k = up_blocks[k-1]), "
+                              f"got {self.unet_feature_idx!r}")
+        if not 0 <= self.start_layer <= 16:
+            raise ConfigError(f"start_layer must be in 0..16, got {self.start_layer!r}")
+        if self.start_step < 0:
+            raise ConfigError(f"start_step must be >= 0, got {self.start_step!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def _positive_ints(self) -> list[str]:
+        return []
+
+    # Derived schedule quantities (spec dragdiffusion 1.4/1.5).
+    @property
+    def n_actual_inference_step(self) -> int:
+        return round(self.inversion_strength * self.n_inference_step)  # banker's rounding, as official
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class DragDiffusionConfig(BaseConfig):
+    """DragDiffusion (Shi et al., CVPR'24), official UI / DragBench defaults."""
+
+    n_pix_step: int = 80
+    r_m: int = 1
+    r_p: int = 3
+
+    def _positive_ints(self):
+        return ["n_pix_step", "r_m", "r_p"]
+
+
+@dataclass
+class DragTextConfig(DragDiffusionConfig):
+    """DragText on DragDiffusion: the text embedding is optimized alongside the latent."""
+
+    optimize_text: bool = True
+
+
+@dataclass
+class GoodDragConfig(BaseConfig):
+    """GoodDrag (Zhang et al., ICLR'25): AlDD + IPMS. UI defaults; see presets for the bench script."""
+
+    lora_steps: int = 70
+    inversion_strength: float = 0.75
+    latent_lr: float = 0.02
+    lam: float = 0.2
+    drag_end_step: int = 7
+    track_per_step: int = 10  # B: drag operations per drag timestep
+    max_drag_per_track: int = 3  # J: motion-supervision steps per tracking update
+    r1: int = 4
+    r2: int = 12
+    beta: float = 4.0  # max motion-supervision step, feature px
+    max_track_no_change: int = 10
+
+    def _positive_ints(self):
+        return ["drag_end_step", "track_per_step", "max_drag_per_track", "r1", "r2", "max_track_no_change"]
+
+
+@dataclass
+class CLIPDragConfig(DragDiffusionConfig):
+    """CLIPDrag (Jiang et al.): CLIP text gradient fused with the drag gradient, fast point tracking."""
+
+    n_pix_step: int = 800
+    edit_prompt: str = ""  # drives CLIP; empty -> the source prompt
+    clip_model: str = "openai/clip-vit-base-patch16"
+    fuse_cof: float = 0.7
+    clip_loss_coef: float = 300.0
+    fusion: str = "clipdrag"  # "clipdrag" (code-exact) | "projection"
+    beta: float = 4.0  # GoodDrag-style step min(beta, dist)
+
+
+# Named presets: where the official UI and benchmark scripts differ.
+PRESETS: dict[str, dict[str, dict]] = {
+    "dragdiffusion": {},
+    "dragtext": {},
+    "gooddrag": {
+        "ui": {"lam": 0.2, "max_track_no_change": 10},
+        "bench": {"lam": 0.1, "max_track_no_change": 5},
+    },
+    "clipdrag": {
+        "ui": {"fuse_cof": 0.7, "r_m": 1, "r_p": 3, "n_pix_step": 800},
+        "bench": {"fuse_cof": 0.3, "r_m": 4, "r_p": 12, "n_pix_step": 40},
+    },
+}
+
+CONFIGS: dict[str, type[BaseConfig]] = {
+    "dragdiffusion": DragDiffusionConfig,
+    "dragtext": DragTextConfig,
+    "gooddrag": GoodDragConfig,
+    "clipdrag": CLIPDragConfig,
+}
+
+
+def make_config(method: str, preset: str | None = None, **overrides) -> BaseConfig:
+    """Build `method`'s config: defaults, then the named preset, then the overrides."""
+    if method not in CONFIGS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {sorted(CONFIGS)}")
+    cls = CONFIGS[method]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for method {method!r}: {unknown}; valid options: {sorted(names)}")
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS.get(method, {}):
+            raise ConfigError(f"unknown preset {preset!r} for method {method!r}; "
+                              f"expected one of {sorted(PRESETS.get(method, {}))}")
+        values.update(PRESETS[method][preset])
+    values.update(overrides)
+    return cls(**values)
+
+
+def config_fields(method: str) -> list[dataclasses.Field]:
+    return list(fields(CONFIGS[method]))
+
+
+__all__ = ["BaseConfig", "DragDiffusionConfig", "DragTextConfig", "GoodDragConfig", "CLIPDragConfig",
+           "PRESETS", "CONFIGS", "make_config", "field"]

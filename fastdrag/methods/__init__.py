@@ -1,0 +1,36 @@
+"""Method registry: a method is a function run(ctx: DragContext) -> MethodOutput, registered by name.
+
+A method file says what is different about that method and nothing else; preparation (LoRA, inversion),
+decoding and input checks are shared and live in fastdrag.pipeline / fastdrag.api.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+METHODS: dict[str, Callable] = {}
+
+
+@dataclass
+class MethodOutput:
+    latent: torch.Tensor  # the edited branch's final latent z_0 [1, 4, h, w]
+    handles: torch.Tensor  # final handle positions on the supervision grid [N, 2] (row, col)
+    trace: dict = field(default_factory=dict)  # per-step records for tests and front ends
+
+
+def register(name: str):
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all():
+    from . import dragdiffusion  # noqa: F401  (registration side effect)
+
+
+__all__ = ["METHODS", "MethodOutput", "register"]

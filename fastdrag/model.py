@@ -1,0 +1,209 @@
+"""DragModel: the SD-1.x components that drag editing needs, and `load_model`.
+
+`load_model("tiny")` builds a small random SD offline and deterministically: the UNet has SD-1.5's block
+structure (4 down blocks, mid, 4 up blocks, the same block types, 2 layers per down block and 3 per up
+block, one transformer per attention stage), so `up_blocks[2]` and the 16 MasaCtrl transformer blocks mean
+what they mean in SD-1.5; only the widths are tiny. Its tokenizer is a byte-level CLIP vocabulary shipped
+in fastdrag/assets/tiny_tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from .errors import ModelLoadError
+
+SD15_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD15_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def make_scheduler():
+    """The DDIM scheduler every official drag method constructs explicitly (spec 1.3)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+@dataclass
+class DragModel:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def resolution(self) -> int:
+        """Native image side (512 for SD-1.5): the LoRA fit trains on crops of this size."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """CLIP text encoder last hidden state [1, 77, D] (no attention mask, as the official code)."""
+        return self.text_encoder(self.tokenize(prompt))[0].to(self.dtype)
+
+    def pad_idx(self, prompt: str) -> int:
+        """Index of the first end-of-text token among positions 0..75 (DragText's regularized span)."""
+        ids = self.tokenize(prompt)[0].tolist()
+        eos = self.tokenizer.eos_token_id
+        for i, tok in enumerate(ids[:-1]):
+            if tok == eos:
+                return i
+        return len(ids) - 1
+
+    def to(self, device=None, dtype=None) -> "DragModel":
+        device = torch.device(device) if device is not None else self.device
+        dtype = dtype or self.dtype
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device)
+            if next(m.parameters()).dtype != dtype:
+                m.to(dtype=dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a diffusers SD folder (model_index.json + subfolders) that `load_model(path)` reads back."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(path)
+
+
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    root = resources.files("fastdrag.assets") / "tiny_tokenizer"
+    tok = CLIPTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"))
+    tok.model_max_length = 77
+    return tok
+
+
+def build_tiny(seed: int = 0) -> tuple:
+    """Random tiny SD-1.x components built from configs, offline. Same seed -> same weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 32, 64, 64), down_block_types=SD15_DOWN, up_block_types=SD15_UP,
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=128,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    return unet, vae, text_encoder, tokenizer
+
+
+def _check_sd1_folder(path: str) -> None:
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise ModelLoadError(f"{path!r} is not a diffusers model folder: model_index.json is missing")
+    with open(index) as f:
+        spec = json.load(f)
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in spec]
+    if missing:
+        raise ModelLoadError(f"{path!r} is not a Stable Diffusion model folder: model_index.json lacks {missing}")
+    cfg_path = os.path.join(path, "unet", "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{path!r}: unet/config.json is missing")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    _check_sd1_unet_config(cfg, path)
+    sched_cfg = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_cfg):
+        with open(sched_cfg) as f:
+            pred = json.load(f).get("prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ModelLoadError(f"{path!r} is a {pred}-prediction model; the drag methods need epsilon (SD-1.x)")
+
+
+def _check_sd1_unet_config(cfg: dict, where: str) -> None:
+    down = tuple(cfg.get("down_block_types", ()))
+    up = tuple(cfg.get("up_block_types", ()))
+    if down != SD15_DOWN or up != SD15_UP or cfg.get("in_channels") != 4:
+        raise ModelLoadError(
+            f"{where!r} is not an SD-1.x UNet (expected down blocks {SD15_DOWN}, up blocks {SD15_UP} and 4 input "
+            f"channels; got {down}, {up}, in_channels={cfg.get('in_channels')})")
+
+
+def _load_vae(vae, device, dtype):
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae, torch.nn.Module):
+        return vae
+    try:
+        return AutoencoderKL.from_pretrained(vae)
+    except Exception as e:  # noqa: BLE001 - re-raised with the name that failed
+        raise ModelLoadError(f"could not load VAE {vae!r}: {e}") from e
+
+
+def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | None = None, vae=None) -> DragModel:
+    """Load an SD-1.x model for drag editing.
+
+    name_or_path: "tiny" (offline random tiny SD, for tests and the demo), a local diffusers folder, or a hub id
+    (e.g. "runwayml/stable-diffusion-v1-5"). vae: optional replacement AutoencoderKL (id, folder or module),
+    e.g. "stabilityai/sd-vae-ft-mse" as GoodDrag uses. device defaults to CUDA when present; dtype to fp32.
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or torch.float32
+    if name_or_path == "tiny":
+        unet, vae_m, text_encoder, tokenizer = build_tiny()
+    else:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if os.path.isdir(name_or_path):
+            _check_sd1_folder(name_or_path)
+        elif os.path.exists(name_or_path):
+            raise ModelLoadError(f"{name_or_path!r} is a file, not a diffusers model folder or hub id")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet")
+            vae_m = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae") if vae is None else None
+            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"could not load Stable Diffusion model {name_or_path!r}: {e}") from e
+        _check_sd1_unet_config(dict(unet.config), name_or_path)
+    if vae is not None:
+        vae_m = _load_vae(vae, device, dtype)
+    for m in (unet, vae_m, text_encoder):
+        m.requires_grad_(False).eval()
+    model = DragModel(unet=unet, vae=vae_m, text_encoder=text_encoder, tokenizer=tokenizer,
+                      scheduler=make_scheduler(), name=str(name_or_path), device=device, dtype=dtype)
+    return model.to(device, dtype)

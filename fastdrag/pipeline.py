@@ -1,0 +1,347 @@
+"""The stages every method is composed of: request validation, preparation (LoRA, VAE encode, DDIM
+inversion), the pieces of the drag objective, denoising of the [reference, edited] pair, decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from . import lora as lora_mod
+from .attention import mutual_attention
+from .config import BaseConfig
+from .ddim import Schedule
+from .errors import InvalidInputError
+from .unet import UNetFeatures
+
+MIN_SIDE = 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress and timing
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "lora" | "invert" | "drag" | "denoise" | ...
+    step: int
+    total: int
+
+
+class Reporter:
+    """Forwards stage progress to a user callback (front ends) and collects per-stage wall time."""
+
+    def __init__(self, callback: Callable[[Progress], None] | None, device: torch.device):
+        self.callback = callback
+        self.device = device
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if self.callback is not None:
+            self.callback(Progress(stage, step, total))
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Request: validated inputs and their coordinates on the feature grid
+
+
+@dataclass
+class Request:
+    image: Image.Image  # RGB
+    points: list[tuple[tuple[float, float], tuple[float, float]]]  # ((hx, hy), (tx, ty)) image pixels
+    mask: np.ndarray | None  # HxW bool, True = may change
+    prompt: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W)"""
+        return self.image.height, self.image.width
+
+    @property
+    def sup_size(self) -> tuple[int, int]:
+        """Half-resolution supervision grid (int(H/2), int(W/2)), as official."""
+        H, W = self.size
+        return int(0.5 * H), int(0.5 * W)
+
+    def image_digest(self) -> str:
+        h = hashlib.sha1(self.image.tobytes())
+        h.update(repr(self.image.size).encode())
+        return h.hexdigest()
+
+    def feature_points(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(handles, targets) [N, 2] (row, col) on the supervision grid: round(y/H*sup_h), torch.round."""
+        H, W = self.size
+        sh, sw = self.sup_size
+        pts = torch.tensor([[p[1], p[0]] for pair in self.points for p in pair], dtype=torch.float32)
+        pts = torch.round(pts / torch.tensor([H, W]) * torch.tensor([sh, sw], dtype=torch.float32))
+        return pts[0::2].to(device), pts[1::2].to(device)
+
+    def to_image_points(self, handles: torch.Tensor) -> list[tuple[float, float]]:
+        """Feature-grid (row, col) -> image (x, y)."""
+        H, W = self.size
+        sh, sw = self.sup_size
+        return [(float(c) * W / sw, float(r) * H / sh) for r, c in handles.detach().cpu().tolist()]
+
+    def latent_mask(self, latent_hw: tuple[int, int], device) -> torch.Tensor | None:
+        """1 = editable, at latent resolution: nearest to the supervision grid, then nearest again (official)."""
+        if self.mask is None:
+            return None
+        m = torch.from_numpy(self.mask.astype(np.float32))[None, None]
+        m = F.interpolate(m, self.sup_size, mode="nearest")
+        m = F.interpolate(m, latent_hw, mode="nearest")
+        if m.sum() == 0:
+            raise InvalidInputError("the mask's editable region vanishes at latent resolution (1/8 of the image); "
+                                    "draw a larger mask")
+        return m.to(device)
+
+
+def load_image(image) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise InvalidInputError(f"image file not found: {image!s}")
+        try:
+            image = ImageOps.exif_transpose(Image.open(image))
+        except Exception as e:  # noqa: BLE001
+            raise InvalidInputError(f"could not read image {image!s}: {e}") from e
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InvalidInputError(f"an array image must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise InvalidInputError(f"image must be a PIL.Image, an HxWx3 uint8 array or a path, got {type(image).__name__}")
+    try:
+        image = image.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInputError(f"image cannot be converted to RGB (mode {image.mode!r}): {e}") from e
+    if min(image.size) < MIN_SIDE:
+        raise InvalidInputError(f"image is {image.width}x{image.height}; both sides must be at least {MIN_SIDE} px")
+    return image
+
+
+def _load_mask(mask, size_hw) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        if not os.path.isfile(mask):
+            raise InvalidInputError(f"mask file not found: {mask!s}")
+        mask = Image.open(mask)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
+        mask = mask[..., 0]
+    if mask.shape != tuple(size_hw):
+        raise InvalidInputError(f"mask has shape {mask.shape}; it must be HxW = {tuple(size_hw)}, the image's size")
+    if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
+        raise InvalidInputError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
+    mask = mask > 0
+    if not mask.any():
+        raise InvalidInputError("mask has no editable pixel (all zero); pass mask=None to allow editing everywhere")
+    return mask
+
+
+def _check_point(p, W, H, what):
+    try:
+        x, y = (float(v) for v in p)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} must be an (x, y) pair of numbers, got {p!r}") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise InvalidInputError(f"{what} {p!r} is not finite")
+    if not (0 <= x < W and 0 <= y < H):
+        raise InvalidInputError(f"{what} (x={x:g}, y={y:g}) is outside the {W}x{H} image")
+    return x, y
+
+
+def make_request(image, points, mask=None, prompt: str = "") -> Request:
+    img = load_image(image)
+    W, H = img.size
+    if points is None or len(points) == 0:
+        raise InvalidInputError("no points: pass at least one ((hx, hy), (tx, ty)) handle/target pair")
+    pairs = []
+    for i, pair in enumerate(points):
+        try:
+            handle, target = pair
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"point pair {i} must be ((hx, hy), (tx, ty)), got {pair!r}") from None
+        h = _check_point(handle, W, H, f"handle {i}")
+        t = _check_point(target, W, H, f"target {i}")
+        if h == t:
+            raise InvalidInputError(f"handle {i} equals its target {h}: nothing to drag")
+        pairs.append((h, t))
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+    return Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation: LoRA, encode, invert (cached per image by the Editor)
+
+
+@dataclass
+class Prepared:
+    """Everything about one image that a drag reuses: LoRA, latents, text embedding, the schedule."""
+
+    lora: dict | None
+    z0: torch.Tensor  # VAE posterior mean * scaling factor
+    zt: torch.Tensor  # DDIM-inverted latent at schedule.t_edit
+    text_emb: torch.Tensor  # [1, 77, D] of the source prompt
+    schedule: Schedule
+    extras: dict = field(default_factory=dict)  # method-specific caches (reference features, trajectories)
+
+
+def image_tensor(image: Image.Image, device, dtype) -> torch.Tensor:
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    return (arr / 127.5 - 1).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode(model, image: Image.Image) -> torch.Tensor:
+    x = image_tensor(image, model.device, model.dtype)
+    return model.vae.encode(x).latent_dist.mean * model.scaling_factor
+
+
+@torch.no_grad()
+def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, reporter: Reporter) -> torch.Tensor:
+    z = z0
+    steps = schedule.inversion_timesteps
+    for i, t in enumerate(steps):
+        eps = model.unet(z, t, encoder_hidden_states=text_emb, return_dict=False)[0]
+        z = schedule.inv_step(eps, t, z)
+        reporter("invert", i + 1, len(steps))
+    return z
+
+
+@torch.no_grad()
+def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool, start_step: int = 0,
+                 start_layer: int = 10, schedule: Schedule, reporter: Reporter | None = None,
+                 stage: str = "denoise"):
+    """Denoise the batch [reference, edited] through `timesteps` (guidance 1). With `mutual`, the edited branch's
+    self-attention in blocks >= start_layer reads the reference branch's K/V from step start_step on."""
+    z = torch.cat([z_ref, z_edit])
+    c = torch.cat([c_ref, c_edit])
+    ctx = mutual_attention(model.unet, start_step, start_layer) if mutual else contextlib.nullcontext()
+    with ctx as control:
+        for i, t in enumerate(timesteps):
+            if control is not None:
+                control.step = i
+            eps = model.unet(z, t, encoder_hidden_states=c, return_dict=False)[0]
+            z = schedule.step(eps, t, z)
+            if reporter is not None:
+                reporter(stage, i + 1, len(timesteps))
+    return z[:1], z[1:]
+
+
+@torch.no_grad()
+def decode(model, z: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
+    """VAE decode, clamp to [0, 1], bilinear back to the input size, truncate to uint8 (official)."""
+    x = model.vae.decode(z / model.scaling_factor, return_dict=False)[0]
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    if tuple(x.shape[-2:]) != tuple(size_hw):
+        x = F.interpolate(x, size_hw, mode="bilinear")
+    arr = (x[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
+            autocast_dtype=None) -> Prepared:
+    """LoRA fit (or reuse from lora_cache), VAE encode and DDIM inversion for one image and prompt."""
+    text_emb = model.encode_prompt(req.prompt)
+    lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank)
+    if lora_cache is not None and lkey in lora_cache:
+        weights = lora_cache[lkey]
+    elif cfg.lora_steps > 0:
+        with reporter.stage("lora"):
+            weights = lora_mod.fit_lora(model, req.image, text_emb, steps=cfg.lora_steps, lr=cfg.lora_lr,
+                                        batch_size=cfg.lora_batch_size, rank=cfg.lora_rank, seed=seed,
+                                        autocast_dtype=autocast_dtype, progress=reporter)
+    else:
+        weights = None
+    if lora_cache is not None:
+        lora_cache[lkey] = weights
+    lora_mod.set_lora(model.unet, weights)
+    schedule = Schedule.make(model.scheduler, cfg.n_inference_step, cfg.inversion_strength)
+    with reporter.stage("invert"):
+        z0 = encode(model, req.image)
+        zt = invert(model, z0, text_emb, schedule, reporter)
+    return Prepared(lora=weights, z0=z0, zt=zt, text_emb=text_emb, schedule=schedule)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The drag objective's pieces, shared by the methods
+
+
+@dataclass
+class DragContext:
+    """What a method's run() receives."""
+
+    model: object
+    cfg: BaseConfig
+    req: Request
+    prep: Prepared
+    ops: object  # fastdrag.kernels.reference or fastdrag.kernels (same signatures)
+    lazy_upsample: bool  # True: ops sample the upsampled map on the fly; False: materialize it (official)
+    reporter: Reporter
+    seed: int
+    unet_features: UNetFeatures = None
+
+    def __post_init__(self):
+        if self.unet_features is None:
+            self.unet_features = UNetFeatures(self.model.unet, self.cfg.unet_feature_idx)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def features(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """A UNet feature [1, C, h, w] -> (map, out_size) for the ops: either the map and the supervision size
+        (the ops evaluate the bilinear upsample only where they read), or the materialized upsampled map."""
+        if self.lazy_upsample:
+            return feat[0], self.req.sup_size
+        return self.ops.upsample(feat[0], self.req.sup_size), None
+
+
+def motion_step(handles: torch.Tensor, targets: torch.Tensor, stop: float, cap: float | None):
+    """Per point: distance to target, active flag (dist >= stop) and the step d (unit, or clipped to cap)."""
+    diff = targets - handles
+    dist = diff.norm(dim=1)
+    active = (dist >= stop).to(handles.dtype)
+    unit = diff / dist.clamp_min(1e-8)[:, None]
+    step = unit if cap is None else unit * dist.clamp(max=cap)[:, None]
+    return dist, active, step
+
+
+def mask_term(x_prev: torch.Tensor, x_prev0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """sum |(z_{t-1} - z0_{t-1}) * (1 - M)| over the latent (a sum, not a mean, as official)."""
+    if mask is None:
+        return x_prev.new_zeros(())
+    return ((x_prev - x_prev0) * (1 - mask)).abs().sum()
+
+
+def reached(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> bool:
+    """The only host check of a drag loop: every handle within `stop` of its target."""
+    return bool(((targets - handles).norm(dim=1) < stop).all())
