@@ -14,8 +14,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m fastdrag demo --out demo.png
 
+# One thread by default: with two cores shared, torch's OpenMP threads spin against each other (10x slowdowns seen).
 test: $(VENV)/.installed
-	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.latency

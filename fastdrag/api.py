@@ -17,6 +17,7 @@ from .kernels import reference as reference_ops
 from .methods import METHODS, _load_all
 from .model import DragModel, load_model
 from .pipeline import DragContext, Prepared, Progress, Reporter, decode, make_request, prepare
+from .unet import UNetFeatures
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 
@@ -31,10 +32,22 @@ class EditResult:
     trace: dict = field(default_factory=dict)  # per-step records: ms_loss, handles, steps, ...
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:
     if cfg.backend == "auto":
         return "fast" if model.device.type == "cuda" else "reference"
     return cfg.backend
+
+
+def resolve_execution(cfg: BaseConfig, model: DragModel) -> tuple[str, torch.dtype, bool]:
+    """(backend, dtype, compile) for this edit. Each fast-path layer is its own switch so its gain can be measured."""
+    backend = resolve_backend(cfg, model)
+    fast_gpu = backend == "fast" and model.device.type == "cuda"
+    dtype = DTYPES[cfg.precision] if cfg.precision != "auto" else (torch.bfloat16 if fast_gpu else model.dtype)
+    compiled = cfg.compile_unet == "on" or (cfg.compile_unet == "auto" and fast_gpu)
+    return backend, dtype, compiled
 
 
 class Editor:
@@ -47,10 +60,18 @@ class Editor:
         self.max_cached = max_cached
         self._prepared: OrderedDict = OrderedDict()
         self._loras: OrderedDict = OrderedDict()
+        self._compiled: dict[int, torch.nn.Module] = {}  # feature_idx -> compiled UNet pass, kept across edits
 
     def clear(self) -> None:
         self._prepared.clear()
         self._loras.clear()
+
+    def _unet_pass(self, feature_idx: int) -> torch.nn.Module:
+        if feature_idx not in self._compiled:
+            from .compile import compile_unet_features
+
+            self._compiled[feature_idx] = compile_unet_features(UNetFeatures(self.model.unet, feature_idx))
+        return self._compiled[feature_idx]
 
     def _key(self, req, cfg: BaseConfig, seed: int, backend: str) -> tuple:
         return (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size,
@@ -82,18 +103,22 @@ class Editor:
         cfg = make_config(method, preset=preset, **overrides)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an int, got {seed!r}")
-        req = make_request(image, points, mask, prompt)
-        backend = resolve_backend(cfg, self.model)
+        req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
+        backend, dtype, compiled = resolve_execution(cfg, self.model)
+        if self.model.dtype != dtype:
+            self.model.to(dtype=dtype)
         reporter = Reporter(progress, self.model.device)
         t0 = time.perf_counter()
         prep = self._prepare(req, cfg, seed, backend, reporter)
+        uf = self._unet_pass(cfg.unet_feature_idx) if compiled else UNetFeatures(self.model.unet, cfg.unet_feature_idx)
         ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
                           ops=fast_ops if backend == "fast" else reference_ops,
-                          lazy_upsample=backend == "fast", reporter=reporter, seed=seed)
+                          lazy_upsample=backend == "fast", reporter=reporter, seed=seed, unet_features=uf)
         try:
             out = METHODS[method](ctx)
         finally:
-            ctx.unet_features.close()
+            if not compiled:
+                uf.close()
         with reporter.stage("decode"):
             img = decode(self.model, out.latent, req.size)
         timings = {k: reporter.timings.get(k, 0.0) for k in ("lora", "invert", "drag", "denoise", "decode")}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from .errors import ConfigError
 
 BACKENDS = ("auto", "reference", "fast")
+FUSION_RULES = ("clipdrag", "projection")  # CLIPDrag gradient fusion (spec dragtext_clipdrag B4)
 
 
 @dataclass
@@ -44,6 +45,9 @@ class BaseConfig:
     text_lam: float = 0.1
     # execution
     backend: str = "auto"  # "reference" (plain PyTorch, fp32) | "fast" | "auto" (= fast on CUDA)
+    check_every: int = 1  # host reads the device stop flag every k drag steps; finished steps are masked
+    precision: str = "auto"  # "fp32" | "bf16" | "fp16" | "auto" (bf16 with the fast backend on CUDA, else as loaded)
+    compile_unet: str = "auto"  # "on" | "off" | "auto" (on with the fast backend on CUDA)
 
     def __post_init__(self):
         for f in fields(self):
@@ -54,7 +58,7 @@ class BaseConfig:
                 raise ConfigError(f"{f.name} must be finite, got {v!r}")
         if not isinstance(self.lora_steps, int) or isinstance(self.lora_steps, bool) or self.lora_steps < 0:
             raise ConfigError(f"lora_steps must be an integer >= 0 (0 = no LoRA), got {self.lora_steps!r}")
-        positive_ints = ["lora_batch_size", "lora_rank", "n_inference_step"]
+        positive_ints = ["lora_batch_size", "lora_rank", "n_inference_step", "check_every"]
         for name in positive_ints + [n for n in self._positive_ints() if hasattr(self, n)]:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -76,6 +80,10 @@ class BaseConfig:
             raise ConfigError(f"start_layer must be in 0..16, got {self.start_layer!r}")
         if self.start_step < 0:
             raise ConfigError(f"start_step must be >= 0, got {self.start_step!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.compile_unet not in ("auto", "on", "off"):
+            raise ConfigError(f"compile_unet must be 'auto', 'on' or 'off', got {self.compile_unet!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -141,6 +149,20 @@ class CLIPDragConfig(DragDiffusionConfig):
     clip_loss_coef: float = 300.0
     fusion: str = "clipdrag"  # "clipdrag" (code-exact) | "projection"
     beta: float = 4.0  # GoodDrag-style step min(beta, dist)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fusion not in FUSION_RULES:
+            raise ConfigError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if not isinstance(self.edit_prompt, str):
+            raise ConfigError(f"edit_prompt must be a string, got {type(self.edit_prompt).__name__}")
+        if not isinstance(self.clip_model, str) or not self.clip_model:
+            raise ConfigError(f"clip_model must be a hub id, a local folder or 'tiny', got {self.clip_model!r}")
+        for name in ["fuse_cof", "clip_loss_coef"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
 
 
 # Named presets: where the official UI and benchmark scripts differ.

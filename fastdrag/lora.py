@@ -27,19 +27,29 @@ def _lora_params(unet) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in unet.named_parameters() if f".{ADAPTER}." in n}
 
 
+def _rank(params: dict) -> int | None:
+    return next((p.shape[0] for n, p in params.items() if "lora_A" in n), None)
+
+
 def ensure_adapter(unet, rank: int, seed: int = 0) -> None:
-    """Give the UNet a fresh LoRA adapter of this rank (deterministic init from `seed`)."""
+    """Give the UNet a freshly initialised LoRA adapter of this rank: down ~ N(0, 1/rank^2), up = 0 (diffusers 0.24's
+    LoRALinearLayer init, scale 1). The adapter modules are created once per rank and re-initialised in place, from
+    `seed` alone, so that the result does not depend on what ran before."""
     from peft import LoraConfig
 
-    if getattr(unet, "peft_config", None) and ADAPTER in unet.peft_config:
-        unet.delete_adapters(ADAPTER)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    if _rank(_lora_params(unet)) != rank:
+        if getattr(unet, "peft_config", None) and ADAPTER in unet.peft_config:
+            unet.delete_adapters(ADAPTER)
+        cfg = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS)
         unet.add_adapter(cfg, adapter_name=ADAPTER)
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    for p in _lora_params(unet).values():
-        p.data = p.data.to(device=device, dtype=dtype)
+    device = next(unet.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(_lora_params(unet).items()):  # adapter weights stay fp32 for a stable fit
+            w = torch.randn(p.shape, generator=g) / rank if "lora_A" in name else torch.zeros(p.shape)
+            p.data = w.to(device=device, dtype=torch.float32)
+    unet.set_adapters([ADAPTER])
+    unet.enable_adapters()
 
 
 def get_lora(unet) -> dict[str, torch.Tensor] | None:
@@ -48,20 +58,20 @@ def get_lora(unet) -> dict[str, torch.Tensor] | None:
 
 
 def set_lora(unet, weights: dict[str, torch.Tensor] | None) -> None:
-    """Activate `weights` (from get_lora) in the UNet, or disable LoRA when None."""
+    """Activate `weights` (from get_lora) in the UNet, or switch LoRA off when None."""
     if weights is None:
         if getattr(unet, "peft_config", None) and ADAPTER in unet.peft_config:
-            unet.delete_adapters(ADAPTER)
+            unet.disable_adapters()
         return
-    rank = next(w.shape[0] for n, w in weights.items() if "lora_A" in n)
     params = _lora_params(unet)
-    if set(params) != set(weights) or next(p.shape[0] for n, p in params.items() if "lora_A" in n) != rank:
-        ensure_adapter(unet, rank)
+    if set(params) != set(weights):
+        ensure_adapter(unet, _rank(weights))
         params = _lora_params(unet)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
     unet.set_adapters([ADAPTER])
+    unet.enable_adapters()
 
 
 def _resize_shorter(image: Image.Image, size: int) -> Image.Image:

@@ -84,11 +84,18 @@ class DragModel:
         return self
 
     def save_pretrained(self, path: str) -> None:
-        """Write a diffusers SD folder (model_index.json + subfolders) that `load_model(path)` reads back."""
+        """Write a diffusers SD folder (model_index.json + subfolders) that `load_model(path)` reads back. The base
+        model is written: a per-image LoRA that an Editor left in the UNet is not part of it."""
+        import copy
+
         from diffusers import StableDiffusionPipeline
 
+        unet = self.unet
+        if getattr(unet, "peft_config", None):
+            unet = copy.deepcopy(unet)
+            unet.unload_lora()  # unwrap the peft layers back to the base Linear modules
         pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=self.scheduler, safety_checker=None,
+                                       unet=unet, scheduler=self.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(path)
 
@@ -125,6 +132,27 @@ def build_tiny(seed: int = 0) -> tuple:
             num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ))
+    return unet, vae, text_encoder, tokenizer
+
+
+def build_sd15_random(seed: int = 0) -> tuple:
+    """The full-size SD-1.5 architecture (859.5 M-param UNet) with random weights, offline. For benchmarks: the
+    cost of a pass does not depend on the weights' values. The tokenizer is the tiny byte-level one."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    down_block_types=SD15_DOWN, up_block_types=SD15_UP)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
     return unet, vae, text_encoder, tokenizer
 
 
@@ -174,14 +202,15 @@ def _load_vae(vae, device, dtype):
 def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | None = None, vae=None) -> DragModel:
     """Load an SD-1.x model for drag editing.
 
-    name_or_path: "tiny" (offline random tiny SD, for tests and the demo), a local diffusers folder, or a hub id
+    name_or_path: "tiny" (offline random tiny SD, for tests and the demo), "sd15-random" (the full SD-1.5
+    architecture with random weights, for benchmarks), a local diffusers folder, or a hub id
     (e.g. "runwayml/stable-diffusion-v1-5"). vae: optional replacement AutoencoderKL (id, folder or module),
     e.g. "stabilityai/sd-vae-ft-mse" as GoodDrag uses. device defaults to CUDA when present; dtype to fp32.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
-    if name_or_path == "tiny":
-        unet, vae_m, text_encoder, tokenizer = build_tiny()
+    if name_or_path in ("tiny", "sd15-random"):
+        unet, vae_m, text_encoder, tokenizer = (build_tiny if name_or_path == "tiny" else build_sd15_random)()
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

@@ -177,7 +177,7 @@ def _check_point(p, W, H, what):
     return x, y
 
 
-def make_request(image, points, mask=None, prompt: str = "") -> Request:
+def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: int = 8) -> Request:
     img = load_image(image)
     W, H = img.size
     if points is None or len(points) == 0:
@@ -195,7 +195,9 @@ def make_request(image, points, mask=None, prompt: str = "") -> Request:
         pairs.append((h, t))
     if not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
-    return Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
+    req = Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
+    req.latent_mask((H // latent_scale, W // latent_scale), "cpu")  # fail now, not after the LoRA fit
+    return req
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,6 +344,44 @@ def mask_term(x_prev: torch.Tensor, x_prev0: torch.Tensor, mask: torch.Tensor | 
     return ((x_prev - x_prev0) * (1 - mask)).abs().sum()
 
 
+def reached_on_device(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> torch.Tensor:
+    """Every handle within `stop` of its target, as a device bool (no host sync)."""
+    return ((targets - handles).norm(dim=1) < stop).all()
+
+
 def reached(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> bool:
-    """The only host check of a drag loop: every handle within `stop` of its target."""
-    return bool(((targets - handles).norm(dim=1) < stop).all())
+    """The host check of a drag loop."""
+    return bool(reached_on_device(handles, targets, stop))
+
+
+def masked_step(opt: torch.optim.Optimizer, leaf: torch.Tensor, grad: torch.Tensor, done: torch.Tensor | None = None,
+                every: int = 1) -> None:
+    """One optimizer step on `leaf` with gradient `grad`, undone on the device when `done` (a finished run masks
+    its own updates). With every == 1 the loop has already stopped when done, so no mask is needed."""
+    prev = leaf.detach().clone() if every > 1 and done is not None else None
+    leaf.grad = grad
+    opt.step()
+    leaf.grad = None
+    if prev is not None:
+        with torch.no_grad():
+            leaf.copy_(torch.where(done, prev, leaf))
+
+
+class TextLeaf:
+    """DragText's optimized text embedding (spec dragtext A), the clean version: c_hat starts at c and has its own
+    Adam; its loss is motion supervision + text_lam * sum |c - c_hat| over tokens [0, pad_idx), the regularization
+    counted once. The latent loss never reaches c_hat and this loss never reaches the latent."""
+
+    def __init__(self, c: torch.Tensor, cfg: BaseConfig, pad_idx: int):
+        self.c = c.detach().float()
+        self.value = self.c.clone().requires_grad_(True)  # an fp32 leaf whatever the model dtype
+        self.opt = torch.optim.Adam([self.value], lr=cfg.text_lr)
+        self.lam = cfg.text_lam
+        self.pad = pad_idx
+
+    def update(self, loss_ms: torch.Tensor, done: torch.Tensor | None = None, every: int = 1) -> None:
+        """One Adam step on c_hat from the motion-supervision term of the forward that used it (one extra backward:
+        call after the latent's autograd.grad(..., retain_graph=True))."""
+        reg = self.lam * (self.c - self.value)[:, :self.pad].abs().sum()
+        (g,) = torch.autograd.grad(loss_ms + reg, self.value)
+        masked_step(self.opt, self.value, g, done, every)

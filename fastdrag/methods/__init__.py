@@ -30,7 +30,8 @@ def register(name: str):
 
 
 def _load_all():
-    from . import dragdiffusion  # noqa: F401  (registration side effect)
+    from . import dragdiffusion, gooddrag  # noqa: F401  (registration side effect)
+    from . import clipdrag  # noqa: F401
 
 
 __all__ = ["METHODS", "MethodOutput", "register"]

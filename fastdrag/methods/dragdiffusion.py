@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..pipeline import DragContext, denoise_pair, mask_term, motion_step, reached
+from ..pipeline import (DragContext, TextLeaf, denoise_pair, mask_term, masked_step, motion_step,
+                        reached_on_device)
 from . import MethodOutput, register
 
 
@@ -55,50 +56,47 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
     f0_ref = ops.sample_patches(F0, handles_init, 0, out_size=osz)[:, :, 0, 0]  # tracking: F0 at the initial handle
     ref_init = ops.sample_patches(F0, handles_init, r_m, out_size=osz) if ms_reference == "initial" else None
 
-    z = z_init.detach().clone().requires_grad_(True)
+    dtype = ctx.model.dtype
+    z = z_init.detach().float().clone().requires_grad_(True)  # fp32 leaves whatever the model dtype
     opt = torch.optim.Adam([z], lr=cfg.latent_lr)
-    c_hat = None
-    if cfg.optimize_text:
-        c_hat = c.detach().clone().requires_grad_(True)
-        opt_text = torch.optim.Adam([c_hat], lr=cfg.text_lr)
-        pad = ctx.model.pad_idx(ctx.req.prompt)
-    losses, trajectory = [], [handles.clone()]
-    steps_done = 0
+    text = TextLeaf(c, cfg, ctx.model.pad_idx(ctx.req.prompt)) if cfg.optimize_text else None
+    # The stop flag lives on the device. With check_every = 1 the host reads it every iteration, before the loss,
+    # exactly where the official loop breaks. With k > 1 the host reads it every k iterations and a finished run
+    # masks its own updates (latent, text, handles), which gives the same result without a sync per step.
+    every = cfg.check_every
+    done = torch.zeros((), dtype=torch.bool, device=z.device)
+    losses, live, trajectory = [], [], [handles.clone()]
     for step in range(n_steps):
-        eps, feat = ctx.unet_features(z.to(ctx.model.dtype), t, c if c_hat is None else c_hat.to(ctx.model.dtype))
+        eps, feat = ctx.unet_features(z.to(dtype), t, c if text is None else text.value.to(dtype))
         Fm, osz = ctx.features(feat)
         if step > 0:
             with torch.no_grad():
-                handles = ops.track(Fm.detach(), f0_ref, handles, targets, r_p, out_size=osz, closer_only=closer_only)
+                tracked = ops.track(Fm.detach(), f0_ref, handles, targets, r_p, out_size=osz, closer_only=closer_only)
+                handles = torch.where(done, handles, tracked)
             trajectory.append(handles.clone())
-        if reached(handles, targets, stop):
+        done = done | reached_on_device(handles, targets, stop)
+        if step % every == 0 and bool(done):  # the only host check
             break
         _, active, d = motion_step(handles, targets, stop, step_cap)
         ref = ref_init if ref_init is not None else ops.sample_patches(Fm.detach(), handles, r_m, out_size=osz)
         loss_ms = weight * (active * ops.patch_l1(Fm, ref, handles + d, r_m, out_size=osz)).sum()
         x_prev = sched.step(eps.float(), t, z)
         loss = loss_ms + cfg.lam * mask_term(x_prev, x_prev0, mask)
-        if c_hat is None:
-            (g,) = torch.autograd.grad(loss, z)
-        else:
-            # Clean DragText: the latent loss updates only z; motion supervision + token regularization only c_hat.
-            (g,) = torch.autograd.grad(loss, z, retain_graph=True)
-            reg = cfg.text_lam * (c.detach() - c_hat)[:, :pad].abs().sum()
-            (gc,) = torch.autograd.grad(loss_ms + reg, c_hat)
-            c_hat.grad = gc
-            opt_text.step()
-            c_hat.grad = None
+        (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
+        if text is not None:
+            text.update(loss_ms, done, every)
         if grad_transform is not None:
             g = grad_transform(z, g, step)
-        z.grad = g
-        opt.step()
-        z.grad = None
+        masked_step(opt, z, g, done, every)
         losses.append(loss_ms.detach())
-        steps_done += 1
+        live.append(~done)
         ctx.reporter("drag", step + 1, n_steps)
+    live_t = torch.stack(live) if live else torch.zeros(0, dtype=torch.bool)
+    steps_done = int(live_t.sum())
+    losses = [l for l, ok in zip(losses, live_t.tolist()) if ok]
     trace = {"ms_loss": torch.stack(losses) if losses else torch.zeros(0), "handles": torch.stack(trajectory),
              "steps": steps_done, "handles_init": handles_init, "f0_ref": f0_ref}
-    c_edit = c if c_hat is None else c_hat.detach()
+    c_edit = c if text is None else text.value.detach()
     return LatentResult(z=z.detach(), c_edit=c_edit, handles=handles, trace=trace)
 
 

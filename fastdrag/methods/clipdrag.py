@@ -1,0 +1,63 @@
+"""CLIPDrag (spec dragtext_clipdrag B): DragDiffusion's latent loop with GoodDrag-style motion supervision
+(step min(beta, dist), F0 reference patch at the initial handle), fast point tracking (only candidates strictly
+closer to the target), and, at every iteration, a CLIP text gradient G_g fused with the drag gradient G_l:
+
+    cos = cos(G_l, G_g) over the flattened latent;  G = G_l + lam*sin*G_g if cos >= 0 else G_l + lam*cos*G_g
+
+(fusion="clipdrag", the official code) or the parallel/perpendicular reading (fusion="projection").
+The edit prompt only drives CLIP; the UNet keeps the source prompt everywhere (inversion, drag, denoising).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..clip import ClipObjective, global_gradient
+from ..pipeline import DragContext
+from . import MethodOutput, register
+from .dragdiffusion import drag_at_edit_timestep
+
+
+def clip_prompt(ctx: DragContext) -> str:
+    """The text CLIP follows: the edit prompt, else the source prompt (official ui_utils); "" if both are empty."""
+    edit = ctx.cfg.edit_prompt
+    return edit if edit.strip() else ctx.req.prompt
+
+
+@register("clipdrag")
+def run(ctx: DragContext) -> MethodOutput:
+    cfg, model, sched = ctx.cfg, ctx.model, ctx.prep.schedule
+    prompt = clip_prompt(ctx)
+    t, c_src = sched.t_edit, ctx.prep.text_emb
+    records: dict[str, list] = {"clip_loss": [], "clip_cos": [], "g_local_norm": [], "g_global_norm": []}
+
+    if not prompt.strip():
+        # Official: no backward runs and the latent never moves (spec B8.1). We drag with G_l alone.
+        warnings.warn("clipdrag: the edit prompt and the source prompt are both empty, so CLIP has no text to "
+                      "follow; dragging with the local (motion-supervision) gradient alone", UserWarning,
+                      stacklevel=3)
+        fuse = None
+    else:
+        objective = ClipObjective.build(cfg.clip_model, prompt, device=ctx.device, dtype=model.dtype,
+                                        coef=cfg.clip_loss_coef)
+
+        def fuse(z: torch.Tensor, g_local: torch.Tensor, step: int) -> torch.Tensor:
+            g_global, loss = global_gradient(model, sched, z, t, c_src, objective)
+            gl, gg = g_local.float().flatten(), g_global.float().flatten()
+            nl, ng = gl.norm(), gg.norm()
+            records["clip_loss"].append(loss)
+            records["clip_cos"].append(torch.where(nl * ng > 0, gl.dot(gg) / (nl * ng).clamp_min(1e-30),
+                                                   torch.zeros_like(nl)))
+            records["g_local_norm"].append(nl)
+            records["g_global_norm"].append(ng)
+            return ctx.ops.fuse_gradients(g_local, g_global.to(g_local.dtype), cfg.fuse_cof, rule=cfg.fusion)
+
+    out = drag_at_edit_timestep(ctx, n_steps=cfg.n_pix_step, r_m=cfg.r_m, r_p=cfg.r_p, ms_reference="initial",
+                                step_cap=cfg.beta, closer_only=True, grad_transform=fuse)
+    # per live step (with check_every > 1 the steps after the stop are masked, and trail the live ones)
+    n = int(out.trace.get("steps", 0))
+    out.trace.update({k: torch.stack(v[:n]) if v[:n] else torch.zeros(0) for k, v in records.items()})
+    out.trace.update(clip_prompt=prompt, clip_used=fuse is not None, fusion=cfg.fusion, fuse_cof=cfg.fuse_cof)
+    return out
