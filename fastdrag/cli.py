@@ -60,7 +60,8 @@ class _TqdmProgress:
         if p.stage != self.stage:
             self.close()
             self.stage = p.stage
-            self.bar = tqdm(total=p.total, desc=f"{p.stage:>8s}", leave=False, file=sys.stderr)
+            # disable=None: bars only on a terminal, so logs and CI output are not flooded
+            self.bar = tqdm(total=p.total, desc=f"{p.stage:>8s}", leave=False, file=sys.stderr, disable=None)
         self.bar.n = p.step
         self.bar.refresh()
 

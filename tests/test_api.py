@@ -145,3 +145,21 @@ def test_cli_demo_writes_before_after(tmp_path, capsys):
     img = Image.open(out)
     assert img.size == (2 * 192 + 8, 128)
     assert "RANDOM weights" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dragdiffusion", []),
+    ("dragtext", ["--text-lam", "0.5"]),
+    ("gooddrag", ["--preset", "bench", "--drag-end-step", "1", "--track-per-step", "1"]),
+    ("clipdrag", ["--preset", "bench", "--clip-model", "tiny", "--edit-prompt", "a bigger disc"]),
+])
+def test_cli_runs_every_method(tmp_path, image, capsys, method, extra):
+    src = tmp_path / "in.png"
+    Image.fromarray(image).save(src)
+    out = tmp_path / "out.png"
+    rc = cli.main(["edit", "--model", "tiny", "--method", method, "--image", str(src), "--drag", "40,60:70,60",
+                   "--out", str(out), "--lora-steps", "1", "--n-inference-step", "20", "--prompt", "a disc",
+                   *(["--n-pix-step", "2"] if method != "gooddrag" else []), *extra])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert Image.open(out).size == (128, 128) and f"[{method}," in text.out
