@@ -337,11 +337,13 @@ def motion_step(handles: torch.Tensor, targets: torch.Tensor, stop: float, cap: 
     return dist, active, step
 
 
-def mask_term(x_prev: torch.Tensor, x_prev0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """sum |(z_{t-1} - z0_{t-1}) * (1 - M)| over the latent (a sum, not a mean, as official)."""
+def mask_term(schedule: Schedule, eps: torch.Tensor, t: int, z: torch.Tensor, x_prev0: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor | float:
+    """sum |(z_{t-1} - z0_{t-1}) * (1 - M)| over the latent (a sum, not a mean, as official), with z_{t-1} the
+    one-step DDIM output of the optimized latent. Zero without a mask ((1 - M) = 0), and then not computed."""
     if mask is None:
-        return x_prev.new_zeros(())
-    return ((x_prev - x_prev0) * (1 - mask)).abs().sum()
+        return 0.0
+    return ((schedule.step(eps.float(), t, z) - x_prev0) * (1 - mask)).abs().sum()
 
 
 def reached_on_device(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> torch.Tensor:

@@ -80,8 +80,7 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
         _, active, d = motion_step(handles, targets, stop, step_cap)
         ref = ref_init if ref_init is not None else ops.sample_patches(Fm.detach(), handles, r_m, out_size=osz)
         loss_ms = weight * (active * ops.patch_l1(Fm, ref, handles + d, r_m, out_size=osz)).sum()
-        x_prev = sched.step(eps.float(), t, z)
-        loss = loss_ms + cfg.lam * mask_term(x_prev, x_prev0, mask)
+        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, x_prev0, mask)
         (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
         if text is not None:
             text.update(loss_ms, done, every)

@@ -123,8 +123,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
             break
         # IPMS: the unedited F0_t patch at the initial handle vs F1 sampled at h + d (bilinear).
         loss_ms = weight * (active * ops.patch_l1(Fm, ref.patches, handles + d, r1, out_size=osz)).sum()
-        x_prev = sched.step(eps.float(), t, z)
-        loss = loss_ms + cfg.lam * mask_term(x_prev, ref.x_prev, mask)
+        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, ref.x_prev, mask)
         (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
         if text is not None:
             text.update(loss_ms)
