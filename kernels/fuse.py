@@ -63,6 +63,16 @@ def _fuse_tile(gl_ptr, gg_ptr, out_ptr, offs, mask, lam, pos, coef, RULE: tl.con
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dot3_tile(gl_ptr, gg_ptr, t, n, acc_d, acc_l, acc_g, BLOCK: tl.constexpr):
+    """Add tile t's contributions to the three running sums <g_l, g_g>, |g_l|^2, |g_g|^2 (fp32, int64 offsets)."""
+    offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(gl_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(gg_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return acc_d + a * b, acc_l + a * a, acc_g + b * b
+
+
 @triton.jit(do_not_specialize=["n"])
 def _fuse_single_kernel(gl_ptr, gg_ptr, out_ptr, n, lam, RULE: tl.constexpr, BLOCK: tl.constexpr):
     lam = tl.cast(lam, tl.float32)  # fp32 whatever the caller passed (and a tensor under the interpreter)
@@ -71,13 +81,7 @@ def _fuse_single_kernel(gl_ptr, gg_ptr, out_ptr, n, lam, RULE: tl.constexpr, BLO
     acc_l = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, n_tiles):
-        offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        a = tl.load(gl_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(gg_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        acc_d += a * b
-        acc_l += a * a
-        acc_g += b * b
+        acc_d, acc_l, acc_g = _dot3_tile(gl_ptr, gg_ptr, t, n, acc_d, acc_l, acc_g, BLOCK)
     pos, coef = _fuse_coeffs(tl.sum(acc_d, axis=0), tl.sum(acc_l, axis=0), tl.sum(acc_g, axis=0), RULE)
     for t in range(0, n_tiles):
         offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -94,13 +98,7 @@ def _fuse_reduce_kernel(gl_ptr, gg_ptr, part_ptr, n, BLOCK: tl.constexpr):
     acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
     # Grid-strided: a bounded number of partials whatever the size (int64 offsets past 2^31 elements).
     for t in range(pid, n_tiles, nprog):
-        offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        a = tl.load(gl_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(gg_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        acc_d += a * b
-        acc_l += a * a
-        acc_g += b * b
+        acc_d, acc_l, acc_g = _dot3_tile(gl_ptr, gg_ptr, t, n, acc_d, acc_l, acc_g, BLOCK)
     # Partials laid out [3, nprog]: every slot written once (poison-checkable).
     tl.store(part_ptr + pid, tl.sum(acc_d, axis=0))
     tl.store(part_ptr + nprog + pid, tl.sum(acc_l, axis=0))

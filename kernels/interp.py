@@ -147,6 +147,28 @@ def _window_coords(centers_ptr, i, pb, RADIUS: tl.constexpr, BLOCK_P: tl.constex
 # the footprint of a patch on the source map is a few pixels wide).
 # Sizes (C, h, w, H2, W2, M) are not specialized: a value of 1 would otherwise turn into a constexpr.
 
+@triton.jit
+def _patch_tile(centers_ptr, C, h, w, H2, W2, RADIUS: tl.constexpr, TAPS: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile shared by the forward and backward kernels: this program's point i, its block of window
+    positions and of channels, their taps and weights on the source map, the valid mask, the int64 channel-plane
+    offsets and the int64 [N, C, P] offsets of the tile."""
+    K: tl.constexpr = 2 * RADIUS + 1
+    P: tl.constexpr = K * K
+    i = tl.program_id(0)
+    pb = tl.program_id(1)
+    cb = tl.program_id(2)
+    offs_p, y, x, mask_p = _window_coords(centers_ptr, i, pb, RADIUS, BLOCK_P)
+    rows, rw = _axis_taps(y, H2, h, TAPS)
+    cols, cw = _axis_taps(x, W2, w, TAPS)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_c < C)[:, None] & mask_p[None, :]
+    # int64: C * h * w can exceed 2^31 for large maps, and N * C * P grows with the window.
+    plane = (offs_c.to(tl.int64) * h.to(tl.int64) * w)[:, None]
+    out_off = ((i.to(tl.int64) * C + offs_c) * P)[:, None] + offs_p[None, :]
+    return i, pb, cb, rows, rw, cols, cw, mask, plane, out_off
+
+
 @triton.jit(do_not_specialize=["C", "h", "w", "H2", "W2"])
 def _patch_fwd_kernel(
     feat_ptr, centers_ptr, ref_ptr, out_ptr,
@@ -154,24 +176,9 @@ def _patch_fwd_kernel(
     RADIUS: tl.constexpr, TAPS: tl.constexpr, L1: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    K: tl.constexpr = 2 * RADIUS + 1
-    P: tl.constexpr = K * K
-    i = tl.program_id(0)
-    pb = tl.program_id(1)
-    cb = tl.program_id(2)
-
-    offs_p, y, x, mask_p = _window_coords(centers_ptr, i, pb, RADIUS, BLOCK_P)
-    rows, rw = _axis_taps(y, H2, h, TAPS)
-    cols, cw = _axis_taps(x, W2, w, TAPS)
-
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_c < C)[:, None] & mask_p[None, :]
-    # int64 plane offsets: C * h * w can exceed 2^31 for large maps; within a plane int32 is enough.
-    base = feat_ptr + (offs_c.to(tl.int64) * h.to(tl.int64) * w)[:, None]
-    acc = _sample_tile(base, w, rows, rw, cols, cw, mask, TAPS, BLOCK_C, BLOCK_P)
-
-    # [N, C, P] offsets of this tile (int64: N * C * P grows with the window).
-    out_off = ((i.to(tl.int64) * C + offs_c) * P)[:, None] + offs_p[None, :]
+    i, pb, cb, rows, rw, cols, cw, mask, plane, out_off = _patch_tile(
+        centers_ptr, C, h, w, H2, W2, RADIUS, TAPS, BLOCK_C, BLOCK_P)
+    acc = _sample_tile(feat_ptr + plane, w, rows, rw, cols, cw, mask, TAPS, BLOCK_C, BLOCK_P)
     if L1:
         # Round the sample to the map dtype first: the reference compares the rounded patch.
         s = acc.to(feat_ptr.dtype.element_ty).to(tl.float32)
@@ -192,21 +199,8 @@ def _patch_bwd_kernel(
     RADIUS: tl.constexpr, TAPS: tl.constexpr, L1: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    K: tl.constexpr = 2 * RADIUS + 1
-    P: tl.constexpr = K * K
-    i = tl.program_id(0)
-    pb = tl.program_id(1)
-    cb = tl.program_id(2)
-
-    offs_p, y, x, mask_p = _window_coords(centers_ptr, i, pb, RADIUS, BLOCK_P)
-    rows, rw = _axis_taps(y, H2, h, TAPS)
-    cols, cw = _axis_taps(x, W2, w, TAPS)
-
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_c < C)[:, None] & mask_p[None, :]
-    plane = (offs_c.to(tl.int64) * h.to(tl.int64) * w)[:, None]
-    out_off = ((i.to(tl.int64) * C + offs_c) * P)[:, None] + offs_p[None, :]
-
+    i, pb, cb, rows, rw, cols, cw, mask, plane, out_off = _patch_tile(
+        centers_ptr, C, h, w, H2, W2, RADIUS, TAPS, BLOCK_C, BLOCK_P)
     if L1:
         # d/dS mean|ref - S| = -sign(ref - S) * g / M, with sign(0) = 0 as in autograd's abs.
         # The sample is recomputed (16 L2-hot loads) instead of saved: no [N, C, P] buffer round trip.

@@ -350,22 +350,10 @@ def _run_all_ops():
     K.fuse_gradients(torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE), 0.5)
 
 
-def _spy_reference(monkeypatch):
+def _spy(monkeypatch, targets):
+    """Wrap each (module, function name) so that its calls are recorded by name; returns the record."""
     calls = []
-    for name in ("sample_patches", "patch_l1", "track", "fuse_gradients"):
-        orig = getattr(reference, name)
-
-        def spy(*a, __orig=orig, __name=name, **kw):
-            calls.append(__name)
-            return __orig(*a, **kw)
-
-        monkeypatch.setattr(reference, name, spy)
-    return calls
-
-
-def _spy_triton(monkeypatch):
-    calls = []
-    for mod, name in ((interp_mod, "_launch"), (track_mod, "_track_triton"), (fuse_mod, "_fuse_triton")):
+    for mod, name in targets:
         orig = getattr(mod, name)
 
         def spy(*a, __orig=orig, __name=name, **kw):
@@ -374,6 +362,14 @@ def _spy_triton(monkeypatch):
 
         monkeypatch.setattr(mod, name, spy)
     return calls
+
+
+def _spy_reference(monkeypatch):
+    return _spy(monkeypatch, [(reference, n) for n in ("sample_patches", "patch_l1", "track", "fuse_gradients")])
+
+
+def _spy_triton(monkeypatch):
+    return _spy(monkeypatch, [(interp_mod, "_launch"), (track_mod, "_track_triton"), (fuse_mod, "_fuse_triton")])
 
 
 def test_kill_switch_takes_reference(monkeypatch):
