@@ -113,7 +113,7 @@ class Editor:
         uf = self._unet_pass(cfg.unet_feature_idx) if compiled else UNetFeatures(self.model.unet, cfg.unet_feature_idx)
         ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
                           ops=fast_ops if backend == "fast" else reference_ops,
-                          lazy_upsample=backend == "fast", reporter=reporter, seed=seed, unet_features=uf)
+                          lazy_upsample=backend == "fast", reporter=reporter, unet_features=uf)
         try:
             out = METHODS[method](ctx)
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 
@@ -206,9 +206,5 @@ def make_config(method: str, preset: str | None = None, **overrides) -> BaseConf
     return cls(**values)
 
 
-def config_fields(method: str) -> list[dataclasses.Field]:
-    return list(fields(CONFIGS[method]))
-
-
 __all__ = ["BaseConfig", "DragDiffusionConfig", "DragTextConfig", "GoodDragConfig", "CLIPDragConfig",
-           "PRESETS", "CONFIGS", "make_config", "field"]
+           "PRESETS", "CONFIGS", "make_config"]

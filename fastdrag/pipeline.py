@@ -308,7 +308,6 @@ class DragContext:
     ops: object  # fastdrag.kernels.reference or fastdrag.kernels (same signatures)
     lazy_upsample: bool  # True: ops sample the upsampled map on the fly; False: materialize it (official)
     reporter: Reporter
-    seed: int
     unet_features: UNetFeatures = None
 
     def __post_init__(self):
