@@ -7,7 +7,8 @@ The model is the SD-1.5 architecture with RANDOM weights (no checkpoints on the 
 a pass does not depend on the weights' values, but drag trajectories do, so every configuration runs a fixed
 number of drag steps (targets far away, early stop disabled) and the same inputs. Results: per-stage seconds
 for each method, seconds per drag step, a re-drag with the prepared image cached, the waterfall
-(reference fp32 -> +bf16 -> +compile -> +kernels & lazy upsample -> +device stop flag), analytic FLOPs per
+(reference fp32 -> +bf16 -> +compile -> +kernels & lazy upsample -> +LoRA merged -> +device stop flag -> +CUDA
+graph of the drag step), analytic FLOPs per
 drag step and achieved TFLOP/s, and peak memory. Written to benchmarks/results/<device>.json.
 """
 
@@ -31,13 +32,17 @@ from .flops import drag_step_flops
 
 METHOD_STEPS = {"dragdiffusion": "n_pix_step", "dragtext": "n_pix_step", "clipdrag": "n_pix_step"}
 
+_OFF = dict(compile_unet="off", merge_lora="off", cuda_graph="off")
 WATERFALL = [
-    ("reference fp32", dict(backend="reference", precision="fp32", compile_unet="off")),
-    ("+ bf16", dict(backend="reference", precision="bf16", compile_unet="off")),
-    ("+ torch.compile", dict(backend="reference", precision="bf16", compile_unet="on")),
-    ("+ Triton ops, lazy upsample", dict(backend="fast", precision="bf16", compile_unet="on")),
+    ("reference fp32", dict(_OFF, backend="reference", precision="fp32")),
+    ("+ bf16", dict(_OFF, backend="reference", precision="bf16")),
+    ("+ torch.compile", dict(_OFF, backend="reference", precision="bf16", compile_unet="on")),
+    ("+ Triton ops, lazy upsample", dict(_OFF, backend="fast", precision="bf16", compile_unet="on")),
+    ("+ LoRA merged", dict(_OFF, backend="fast", precision="bf16", compile_unet="on", merge_lora="on")),
     ("+ device stop flag (check every 10)", dict(backend="fast", precision="bf16", compile_unet="on",
-                                                 check_every=10)),
+                                                 merge_lora="on", cuda_graph="off", check_every=10)),
+    ("+ CUDA graph of the drag step", dict(backend="fast", precision="bf16", compile_unet="on", merge_lora="on",
+                                           cuda_graph="on", check_every=10)),
 ]
 
 
@@ -112,12 +117,17 @@ def run(args) -> dict:
               f"({row['per_drag_step_s'] * 1e3:.1f} ms/step), denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s"
               + (f" | peak {peak:.2f} GiB" if peak is not None else ""))
 
+    # 1b. where a drag step's time goes: a profile of one DragDiffusion re-drag (prepared image cached)
+    if args.profile:
+        out["profile"] = profile_redrag(model, image, points, dict(common, n_pix_step=args.steps), device)
+        print(out["profile"])
+
     # 2. the waterfall: DragDiffusion drag loop, each layer added, same inputs, same process
     if not args.no_waterfall:
         base = None
         for name, layer in WATERFALL:
             if device.type != "cuda" and (layer.get("precision") != "fp32" or layer.get("compile_unet") == "on"):
-                continue  # bf16 and compile are GPU layers; on CPU only the op-level layers are shown
+                continue  # bf16, compile and graphs are GPU layers; on CPU only the op-level layers are shown
             ed = fastdrag.Editor(model)
             kw = dict(common, n_pix_step=args.steps, **layer)
             ed.edit(image, points, **kw)  # warm-up (compile, autotune, caches)
@@ -133,6 +143,21 @@ def run(args) -> dict:
                   f"{flops / per_step / 1e12:7.1f} TFLOP/s")
         model.to(dtype=torch.float32)
     return out
+
+
+def profile_redrag(model, image, points, kw, device, rows: int = 30) -> str:
+    """torch.profiler table of one DragDiffusion re-drag on the default execution, sorted by device time."""
+    ed = fastdrag.Editor(model)
+    ed.edit(image, points, **kw)  # prepare, compile, capture once
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        ed.edit(image, points, **kw)
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return f"# profile of one DragDiffusion re-drag ({kw['n_pix_step']} drag steps), by {key}\n" + \
+        prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def _version(name):
@@ -156,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clip-model", default="tiny", help="CLIP for clipdrag (tiny = random, no download)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-waterfall", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile one DragDiffusion re-drag (kernel table)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="allow running on CPU (numbers are not meaningful)")

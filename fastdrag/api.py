@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
 
 from . import kernels as fast_ops
+from .compile import merged_lora
 from .config import BaseConfig, make_config
 from .errors import ConfigError
 from .kernels import reference as reference_ops
@@ -41,13 +42,33 @@ def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:
     return cfg.backend
 
 
-def resolve_execution(cfg: BaseConfig, model: DragModel) -> tuple[str, torch.dtype, bool]:
-    """(backend, dtype, compile) for this edit. Each fast-path layer is its own switch so its gain can be measured."""
+class Execution(NamedTuple):
+    """How an edit runs. Each fast-path layer is its own switch so that its gain can be measured."""
+
+    backend: str  # "fast" (Triton ops, lazy upsample) | "reference"
+    dtype: torch.dtype
+    compile_unet: bool
+    cuda_graph: bool  # capture the drag iteration (dragdiffusion, dragtext, clipdrag)
+    cuda_graph_forward: bool  # replay the inversion and denoising UNet passes from CUDA graphs
+    merge_lora: bool
+
+
+def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
+    """Resolve the config's "auto" switches for this model's device: every fast layer is on with backend="fast" on
+    CUDA and off otherwise. Asking for a CUDA graph off CUDA is an error, not a silent fallback."""
     backend = resolve_backend(cfg, model)
-    fast_gpu = backend == "fast" and model.device.type == "cuda"
+    cuda = model.device.type == "cuda"
+    fast_gpu = backend == "fast" and cuda
+    for name in ("cuda_graph", "cuda_graph_forward"):
+        if getattr(cfg, name) == "on" and not cuda:
+            raise ConfigError(f"{name}='on' needs a model on a CUDA device; this one is on {model.device}")
+
+    def switch(value: str) -> bool:
+        return value == "on" or (value == "auto" and fast_gpu)
+
     dtype = DTYPES[cfg.precision] if cfg.precision != "auto" else (torch.bfloat16 if fast_gpu else model.dtype)
-    compiled = cfg.compile_unet == "on" or (cfg.compile_unet == "auto" and fast_gpu)
-    return backend, dtype, compiled
+    return Execution(backend, dtype, switch(cfg.compile_unet), switch(cfg.cuda_graph),
+                     switch(cfg.cuda_graph_forward), switch(cfg.merge_lora))
 
 
 class Editor:
@@ -73,12 +94,15 @@ class Editor:
             self._compiled[feature_idx] = compile_unet_features(UNetFeatures(self.model.unet, feature_idx))
         return self._compiled[feature_idx]
 
-    def _key(self, req, cfg: BaseConfig, seed: int, backend: str) -> tuple:
+    def _key(self, req, cfg: BaseConfig, seed: int, ex: Execution) -> tuple:
+        """The prepared image's key. The merge switch is part of it because the reference features cached in the
+        prepared state come from the UNet as the drag loop runs it (merged or not: equal up to rounding)."""
         return (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size,
-                cfg.lora_rank, cfg.n_inference_step, cfg.inversion_strength, backend, str(self.model.dtype))
+                cfg.lora_rank, cfg.n_inference_step, cfg.inversion_strength, ex.backend, ex.merge_lora,
+                str(self.model.dtype))
 
-    def _prepare(self, req, cfg, seed, backend, reporter) -> Prepared:
-        key = self._key(req, cfg, seed, backend)
+    def _prepare(self, req, cfg, seed, ex, reporter) -> Prepared:
+        key = self._key(req, cfg, seed, ex)
         if key in self._prepared:
             self._prepared.move_to_end(key)
             prep = self._prepared[key]
@@ -86,7 +110,7 @@ class Editor:
 
             set_lora(self.model.unet, prep.lora)
             return prep
-        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras)
+        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras, graphs=ex.cuda_graph_forward)
         self._prepared[key] = prep
         for cache in (self._prepared, self._loras):
             while len(cache) > self.max_cached:
@@ -104,20 +128,23 @@ class Editor:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an int, got {seed!r}")
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
-        backend, dtype, compiled = resolve_execution(cfg, self.model)
-        if self.model.dtype != dtype:
-            self.model.to(dtype=dtype)
+        ex = resolve_execution(cfg, self.model)
+        if self.model.dtype != ex.dtype:
+            self.model.to(dtype=ex.dtype)
         reporter = Reporter(progress, self.model.device)
         t0 = time.perf_counter()
-        prep = self._prepare(req, cfg, seed, backend, reporter)
-        uf = self._unet_pass(cfg.unet_feature_idx) if compiled else UNetFeatures(self.model.unet, cfg.unet_feature_idx)
+        prep = self._prepare(req, cfg, seed, ex, reporter)
+        uf = self._unet_pass(cfg.unet_feature_idx) if ex.compile_unet else UNetFeatures(self.model.unet,
+                                                                                       cfg.unet_feature_idx)
         ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
-                          ops=fast_ops if backend == "fast" else reference_ops,
-                          lazy_upsample=backend == "fast", reporter=reporter, unet_features=uf)
+                          ops=fast_ops if ex.backend == "fast" else reference_ops,
+                          lazy_upsample=ex.backend == "fast", reporter=reporter, unet_features=uf,
+                          cuda_graph=ex.cuda_graph, graph_forward=ex.cuda_graph_forward)
         try:
-            out = METHODS[method](ctx)
+            with merged_lora(self.model.unet, ex.merge_lora):  # the drag and the denoising; inversion is cached
+                out = METHODS[method](ctx)
         finally:
-            if not compiled:
+            if not ex.compile_unet:
                 uf.close()
         with reporter.stage("decode"):
             img = decode(self.model, out.latent, req.size)
@@ -150,4 +177,4 @@ def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffu
                        **overrides)
 
 
-__all__ = ["edit", "Editor", "EditResult", "resolve_backend"]
+__all__ = ["edit", "Editor", "EditResult", "Execution", "resolve_backend", "resolve_execution"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,7 @@ class ClipObjective:
     text_embeds: torch.Tensor  # [1, D], L2-normalized, no grad
     coef: float
     size: int  # CLIP input side (224 for ViT-B/16)
+    _norm: dict = field(default_factory=dict, repr=False, compare=False)  # (device, dtype) -> (mean, std)
 
     @classmethod
     @torch.no_grad()
@@ -126,9 +127,17 @@ class ClipObjective:
     def preprocess(self, image01: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> CLIP input: adaptive average pool to size x size, mean/std once."""
         x = F.adaptive_avg_pool2d(image01, (self.size, self.size))
-        mean = x.new_tensor(CLIP_MEAN)[None, :, None, None]
-        std = x.new_tensor(CLIP_STD)[None, :, None, None]
+        mean, std = self._mean_std(x)
         return (x - mean) / std
+
+    def _mean_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalization constants on x's device, built once: a host-to-device copy per call would be a
+        sync in the drag loop and cannot be captured in a CUDA graph."""
+        key = (x.device, x.dtype)
+        if key not in self._norm:
+            self._norm[key] = (torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None],
+                          torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device)[None, :, None, None])
+        return self._norm[key]
 
     def loss(self, image01: torch.Tensor) -> torch.Tensor:
         """Scalar coef * (1 - cos) of the (single) image in [0, 1] against the text."""

@@ -48,6 +48,9 @@ class BaseConfig:
     check_every: int = 1  # host reads the device stop flag every k drag steps; finished steps are masked
     precision: str = "auto"  # "fp32" | "bf16" | "fp16" | "auto" (bf16 with the fast backend on CUDA, else as loaded)
     compile_unet: str = "auto"  # "on" | "off" | "auto" (on with the fast backend on CUDA)
+    cuda_graph: str = "auto"  # "on" | "off" | "auto": capture the drag iteration (on with the fast backend on CUDA)
+    cuda_graph_forward: str = "auto"  # "on" | "off" | "auto": replay inversion/denoising passes from CUDA graphs
+    merge_lora: str = "auto"  # "on" | "off" | "auto": fold the LoRA into the weights after the fit (as cuda_graph)
 
     def __post_init__(self):
         for f in fields(self):
@@ -82,8 +85,9 @@ class BaseConfig:
             raise ConfigError(f"start_step must be >= 0, got {self.start_step!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        if self.compile_unet not in ("auto", "on", "off"):
-            raise ConfigError(f"compile_unet must be 'auto', 'on' or 'off', got {self.compile_unet!r}")
+        for name in ("compile_unet", "cuda_graph", "cuda_graph_forward", "merge_lora"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ConfigError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
@@ -136,6 +140,13 @@ class GoodDragConfig(BaseConfig):
 
     def _positive_ints(self):
         return ["drag_end_step", "track_per_step", "max_drag_per_track", "r1", "r2", "max_track_no_change"]
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cuda_graph == "on":
+            raise ConfigError("cuda_graph='on' is not available for gooddrag: its loop decides on the host when to "
+                              "track, stop and move to the next timestep (the official no-change counter); use "
+                              "cuda_graph='auto' or 'off'")
 
 
 @dataclass

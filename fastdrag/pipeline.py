@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from . import lora as lora_mod
 from .attention import mutual_attention
+from .compile import GraphedForward, graph_warmup
 from .config import BaseConfig
 from .ddim import Schedule
 from .errors import InvalidInputError
@@ -227,31 +228,49 @@ def encode(model, image: Image.Image) -> torch.Tensor:
     return model.vae.encode(x).latent_dist.mean * model.scaling_factor
 
 
+def _unet_eps(model):
+    return lambda z, t, c: model.unet(z, t, encoder_hidden_states=c, return_dict=False)[0]
+
+
 @torch.no_grad()
-def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, reporter: Reporter) -> torch.Tensor:
+def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, reporter: Reporter, *,
+           graphs: bool = False) -> torch.Tensor:
+    """DDIM inversion z0 -> z_{t_edit}. With `graphs`, the UNet pass is replayed from a CUDA graph (the timestep
+    then travels as a device tensor; diffusers builds the same int64 tensor from a Python int)."""
     z = z0
     steps = schedule.inversion_timesteps
-    for i, t in enumerate(steps):
-        eps = model.unet(z, t, encoder_hidden_states=text_emb, return_dict=False)[0]
-        z = schedule.inv_step(eps, t, z)
-        reporter("invert", i + 1, len(steps))
+    fwd = GraphedForward(_unet_eps(model)) if graphs else None
+    with graph_warmup(graphs and z.is_cuda):
+        for i, t in enumerate(steps):
+            if fwd is None:
+                eps = model.unet(z, t, encoder_hidden_states=text_emb, return_dict=False)[0]
+            else:
+                eps = fwd("invert", z, torch.full((), t, dtype=torch.long, device=z.device), text_emb)
+            z = schedule.inv_step(eps, t, z)
+            reporter("invert", i + 1, len(steps))
     return z
 
 
 @torch.no_grad()
 def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool, start_step: int = 0,
                  start_layer: int = 10, schedule: Schedule, reporter: Reporter | None = None,
-                 stage: str = "denoise"):
+                 stage: str = "denoise", graphs: bool = False):
     """Denoise the batch [reference, edited] through `timesteps` (guidance 1). With `mutual`, the edited branch's
-    self-attention in blocks >= start_layer reads the reference branch's K/V from step start_step on."""
+    self-attention in blocks >= start_layer reads the reference branch's K/V from step start_step on. With
+    `graphs`, the UNet pass is replayed from CUDA graphs, one per attention mode (before / from start_step)."""
     z = torch.cat([z_ref, z_edit])
     c = torch.cat([c_ref, c_edit])
     ctx = mutual_attention(model.unet, start_step, start_layer) if mutual else contextlib.nullcontext()
-    with ctx as control:
+    fwd = GraphedForward(_unet_eps(model)) if graphs else None
+    with ctx as control, graph_warmup(graphs and z.is_cuda):
         for i, t in enumerate(timesteps):
             if control is not None:
                 control.step = i
-            eps = model.unet(z, t, encoder_hidden_states=c, return_dict=False)[0]
+            if fwd is None:
+                eps = model.unet(z, t, encoder_hidden_states=c, return_dict=False)[0]
+            else:
+                mode = control is not None and control.active()
+                eps = fwd(("denoise", mode), z, torch.full((), t, dtype=torch.long, device=z.device), c)
             z = schedule.step(eps, t, z)
             if reporter is not None:
                 reporter(stage, i + 1, len(timesteps))
@@ -270,7 +289,7 @@ def decode(model, z: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
 
 
 def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
-            autocast_dtype=None) -> Prepared:
+            autocast_dtype=None, graphs: bool = False) -> Prepared:
     """LoRA fit (or reuse from lora_cache), VAE encode and DDIM inversion for one image and prompt."""
     text_emb = model.encode_prompt(req.prompt)
     lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank)
@@ -289,7 +308,7 @@ def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter,
     schedule = Schedule.make(model.scheduler, cfg.n_inference_step, cfg.inversion_strength)
     with reporter.stage("invert"):
         z0 = encode(model, req.image)
-        zt = invert(model, z0, text_emb, schedule, reporter)
+        zt = invert(model, z0, text_emb, schedule, reporter, graphs=graphs)
     return Prepared(lora=weights, z0=z0, zt=zt, text_emb=text_emb, schedule=schedule)
 
 
@@ -309,6 +328,8 @@ class DragContext:
     lazy_upsample: bool  # True: ops sample the upsampled map on the fly; False: materialize it (official)
     reporter: Reporter
     unet_features: UNetFeatures = None
+    cuda_graph: bool = False  # capture the drag iteration in a CUDA graph (methods whose loop allows it)
+    graph_forward: bool = False  # replay the denoising UNet passes from CUDA graphs
 
     def __post_init__(self):
         if self.unet_features is None:
@@ -355,11 +376,12 @@ def reached(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> bool:
     return bool(reached_on_device(handles, targets, stop))
 
 
-def masked_step(opt: torch.optim.Optimizer, leaf: torch.Tensor, grad: torch.Tensor, done: torch.Tensor | None = None,
-                every: int = 1) -> None:
-    """One optimizer step on `leaf` with gradient `grad`, undone on the device when `done` (a finished run masks
-    its own updates). With every == 1 the loop has already stopped when done, so no mask is needed."""
-    prev = leaf.detach().clone() if every > 1 and done is not None else None
+def masked_step(opt: torch.optim.Optimizer, leaf: torch.Tensor, grad: torch.Tensor,
+                done: torch.Tensor | None = None) -> None:
+    """One optimizer step on `leaf` with gradient `grad`; with a device flag `done`, the step is undone on the
+    device when it is up (a finished run masks its own updates). The optimizer's moments still move, which is
+    harmless: `done` never goes down again, so the leaf never takes another step."""
+    prev = leaf.detach().clone() if done is not None else None
     leaf.grad = grad
     opt.step()
     leaf.grad = None
@@ -373,16 +395,16 @@ class TextLeaf:
     Adam; its loss is motion supervision + text_lam * sum |c - c_hat| over tokens [0, pad_idx), the regularization
     counted once. The latent loss never reaches c_hat and this loss never reaches the latent."""
 
-    def __init__(self, c: torch.Tensor, cfg: BaseConfig, pad_idx: int):
+    def __init__(self, c: torch.Tensor, cfg: BaseConfig, pad_idx: int, *, capturable: bool = False):
         self.c = c.detach().float()
         self.value = self.c.clone().requires_grad_(True)  # an fp32 leaf whatever the model dtype
-        self.opt = torch.optim.Adam([self.value], lr=cfg.text_lr)
+        self.opt = torch.optim.Adam([self.value], lr=cfg.text_lr, capturable=capturable)
         self.lam = cfg.text_lam
         self.pad = pad_idx
 
-    def update(self, loss_ms: torch.Tensor, done: torch.Tensor | None = None, every: int = 1) -> None:
+    def update(self, loss_ms: torch.Tensor, done: torch.Tensor | None = None) -> None:
         """One Adam step on c_hat from the motion-supervision term of the forward that used it (one extra backward:
         call after the latent's autograd.grad(..., retain_graph=True))."""
         reg = self.lam * (self.c - self.value)[:, :self.pad].abs().sum()
         (g,) = torch.autograd.grad(loss_ms + reg, self.value)
-        masked_step(self.opt, self.value, g, done, every)
+        masked_step(self.opt, self.value, g, done)

@@ -249,7 +249,7 @@ def test_compiled_unet_passes_share_one_graph(tiny_model):
     assert len(block._forward_hooks) == n_hooks
 
 
-def test_merge_lora_matches_the_adapter_and_unmerge_restores_the_weights(tiny_model, image):
+def test_merged_lora_matches_the_adapter_and_restores_the_weights_bit_for_bit(tiny_model, image):
     ed = fastdrag.Editor(tiny_model)
     ed.edit(image, REACH, n_pix_step=2, **QUICK)  # leaves the image's LoRA active
     prep = next(iter(ed._prepared.values()))
@@ -260,6 +260,9 @@ def test_merge_lora_matches_the_adapter_and_unmerge_restores_the_weights(tiny_mo
     strong = {n: (torch.randn(w.shape, generator=g) * 0.05 if "lora_B" in n else w) for n, w in prep.lora.items()}
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if f".{ADAPTER}." not in n}
     z, c, t = prep.zt, prep.text_emb, 681
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in unet.named_modules()
+             if n.endswith(f"lora_A.{ADAPTER}")]
     try:
         set_lora(unet, strong)
         with torch.no_grad():
@@ -268,21 +271,271 @@ def test_merge_lora_matches_the_adapter_and_unmerge_restores_the_weights(tiny_mo
             plain = unet(z, t, encoder_hidden_states=c).sample
             unet.enable_adapters()
             assert (unmerged - plain).abs().max() > 1e-2  # the adapter matters
-            n = fd_compile.merge_lora(unet)
-            assert n == 4 * 32 and fd_compile.merge_lora(unet) == 0  # every projection, once
-            changed = [k for k, p in unet.named_parameters() if k in base and not torch.equal(p, base[k])]
-            assert len(changed) == n  # the LoRA now lives in the base weights of every adapted projection
-            merged = unet(z, t, encoder_hidden_states=c).sample
-            torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
-            assert fd_compile.unmerge_lora(unet) == n and fd_compile.unmerge_lora(unet) == 0
+            with fd_compile.merged_lora(unet) as n:
+                assert n == 4 * 32  # every projection
+                with fd_compile.merged_lora(unet) as again:
+                    assert again == 0  # already merged: nothing to do
+                changed = [k for k, p in unet.named_parameters() if k in base and not torch.equal(p, base[k])]
+                assert len(changed) == n  # the LoRA now lives in the base weights of every adapted projection
+                calls.clear()
+                merged = unet(z, t, encoder_hidden_states=c).sample
+                assert calls == []  # the adapter branch is skipped
+                torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
             for k, p in unet.named_parameters():
                 if k in base:
-                    torch.testing.assert_close(p, base[k], rtol=0, atol=1e-6, msg=k)
-            again = unet(z, t, encoder_hidden_states=c).sample
-            torch.testing.assert_close(again, unmerged, rtol=0, atol=1e-5)
+                    assert torch.equal(p, base[k]), k  # restored exactly, not by subtraction
+            after = unet(z, t, encoder_hidden_states=c).sample
+            assert torch.equal(after, unmerged)
+            with fd_compile.merged_lora(unet, on=False) as n_off:
+                assert n_off == 0
+            set_lora(unet, None)
+            with fd_compile.merged_lora(unet) as n_disabled:
+                assert n_disabled == 0  # adapters disabled: nothing to fold
     finally:
-        fd_compile.unmerge_lora(unet)
+        for h in hooks:
+            h.remove()
         set_lora(unet, prep.lora)
+
+
+def test_merged_lora_survives_an_error_and_bf16_does_not_drift(tiny_model, image):
+    """The weights come back even when the edit fails inside the merged block, and merging in bf16 many times
+    leaves the base weights exactly as they were (a subtract-to-unmerge would drift by a rounding per edit)."""
+    ed = fastdrag.Editor(tiny_model)
+    ed.edit(image, REACH, n_pix_step=2, **QUICK)
+    prep = next(iter(ed._prepared.values()))
+    unet = tiny_model.unet
+    g = torch.Generator().manual_seed(1)
+    strong = {n: (torch.randn(w.shape, generator=g) * 0.05 if "lora_B" in n else w) for n, w in prep.lora.items()}
+    fp32 = {k: v.clone() for k, v in unet.state_dict().items()}  # the fp32 -> bf16 -> fp32 trip is lossy
+    try:
+        unet.to(torch.bfloat16)
+        set_lora(unet, strong)
+        base = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        with pytest.raises(RuntimeError, match="boom"):
+            with fd_compile.merged_lora(unet):
+                raise RuntimeError("boom")
+        for _ in range(20):
+            with fd_compile.merged_lora(unet) as n:
+                assert n == 4 * 32
+        for k, p in unet.named_parameters():
+            assert torch.equal(p, base[k]), k
+    finally:
+        unet.to(torch.float32)
+        unet.load_state_dict(fp32)
+        set_lora(unet, prep.lora)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2b. the drag iteration as a CUDA graph sees it: the capture itself needs a GPU (tests/test_gpu.py); what makes it
+# correct is checked here. A stand-in graph replays the captured iteration by calling it again, while it checks
+# the two properties a real graph relies on: the iteration reads nothing on the host (no value can steer Python),
+# and it keeps every tensor it carries across iterations in place (a graph replays into the same memory).
+
+FASTDRAG_DIR = os.path.dirname(fastdrag.__file__)
+HOST_READS = ("__bool__", "item", "tolist", "numpy", "cpu", "__int__", "__float__", "__index__", "new_tensor")
+
+
+class HostReadGuard:
+    """While armed, a host read of a tensor (or a host-to-device constant) made by code under `roots` (fastdrag's
+    own) raises."""
+
+    def __init__(self, monkeypatch, roots=(FASTDRAG_DIR,)):
+        self.armed = False
+        self.roots = tuple(roots)
+        for name in HOST_READS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._guard(name, real))
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, self._guard(f"torch.{name}", getattr(torch, name)))
+
+    def _guard(self, name, real):
+        guard = self
+
+        def guarded(*args, **kwargs):
+            if guard.armed and sys._getframe(1).f_code.co_filename.startswith(guard.roots):
+                frame = sys._getframe(1)
+                raise AssertionError(f"host read {name} in the captured iteration at "
+                                     f"{frame.f_code.co_filename}:{frame.f_lineno}")
+            return real(*args, **kwargs)
+        return guarded
+
+
+def carried_tensors(loop) -> dict[str, tuple[int, int]]:
+    """(id, data_ptr) of every tensor a drag iteration carries to the next one."""
+    named = {"z": loop.z, "handles": loop.handles, "done": loop.done, "i": loop.rec.i}
+    named.update({f"rec.{k}": v for k, v in loop.rec.buffers.items()})
+    leaves = [("z", loop.opt)] + ([("text", loop.text.opt)] if loop.text is not None else [])
+    if loop.text is not None:
+        named["text.value"] = loop.text.value
+    for tag, opt in leaves:
+        for p, state in opt.state.items():
+            named.update({f"{tag}.adam.{k}": v for k, v in state.items() if torch.is_tensor(v)})
+    return {k: (id(v), v.data_ptr()) for k, v in named.items()}
+
+
+class StandInGraph:
+    captured: list = []
+
+    def __init__(self, step, guard):
+        self.step, self.guard, self.replays = step, guard, 0
+        self.loop = step.__self__
+        self.layout = carried_tensors(self.loop)
+        StandInGraph.captured.append(self)
+
+    def replay(self):
+        self.guard.armed = True
+        try:
+            self.step()
+        finally:
+            self.guard.armed = False
+        self.replays += 1
+        assert carried_tensors(self.loop) == self.layout, "the iteration re-bound or re-allocated carried state"
+
+
+@pytest.fixture
+def stand_in_graph(monkeypatch):
+    """Edits with cuda_graph on, on the CPU: the loop takes its graph path, capture_graph returns a StandInGraph."""
+    import fastdrag.api as api
+    import fastdrag.methods.dragdiffusion as dd
+
+    guard = HostReadGuard(monkeypatch)
+    real = api.resolve_execution
+    monkeypatch.setattr(api, "resolve_execution",
+                        lambda cfg, model: real(cfg.replace(cuda_graph="off"), model)._replace(
+                            cuda_graph=cfg.cuda_graph == "on"))
+    monkeypatch.setattr(dd, "capture_graph", lambda step: StandInGraph(step, guard))
+    StandInGraph.captured = []
+    StandInGraph.guard = guard
+    return StandInGraph.captured
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "dragtext", "clipdrag"])
+def test_graph_path_matches_the_eager_loop_and_reads_nothing_on_the_host(tiny_model, image, method,
+                                                                         stand_in_graph):
+    ed = fastdrag.Editor(tiny_model)
+    for points, n_steps, k in ((REACH, REACH_STEPS, 1), (REACH, REACH_STEPS, 4), (FAR, FAR_STEPS, 3)):
+        kw = dict(method=method, backend="fast", n_pix_step=n_steps, check_every=k, **QUICK, **METHOD_KW[method])
+        eager = ed.edit(image, points, cuda_graph="off", **kw)
+        assert eager.trace["cuda_graph"] is False and not stand_in_graph
+        graphed = ed.edit(image, points, cuda_graph="on", **kw)
+        (graph,) = stand_in_graph
+        stand_in_graph.clear()
+        assert graphed.trace["cuda_graph"] is True
+        s = eager.trace["steps"]
+        assert graph.replays >= (s - 2 if points is REACH else n_steps - 2) > 0, (graph.replays, s)
+        assert graphed.trace["steps"] == s
+        # the graph path runs the stopping iteration whole, masked; the eager loop breaks inside it (k == 1), or
+        # runs the same masked iterations (k > 1): either way the same numbers
+        assert_same_trajectory(eager, graphed)
+        for key in ("z_dragged", "c_edit", "ms_loss"):
+            assert torch.equal(graphed.trace[key], eager.trace[key]), (method, k, key)
+        if method == "clipdrag":
+            for key in ("clip_loss", "clip_cos", "g_local_norm", "g_global_norm"):
+                assert torch.equal(graphed.trace[key], eager.trace[key]), (key, k)
+                assert len(graphed.trace[key]) == s
+        assert np.array_equal(_pixels(graphed), _pixels(eager)), (method, k)
+
+
+@pytest.mark.parametrize("method, extra", [("dragdiffusion", dict(start_step=3)), ("gooddrag", {})])
+def test_forward_graphs_match_the_eager_passes(tiny_model, image, monkeypatch, method, extra):
+    """cuda_graph_forward="on" on the CPU with stand-in graphs: inversion and denoising replay one captured UNet
+    pass per attention mode, with the timestep as a device tensor, and give the eager edit's image bit for bit.
+    DragDiffusion with start_step=3 denoises with plain attention for 3 steps, then mutual: two graphs."""
+    import fastdrag.api as api
+
+    guard = HostReadGuard(monkeypatch)
+    captured = []
+
+    class Graph:
+        def __init__(self, step, pool=None):
+            self.step, self.replays = step, 0
+            captured.append(self)
+
+        def replay(self):
+            guard.armed = True
+            try:
+                self.step()
+            finally:
+                guard.armed = False
+            self.replays += 1
+
+    monkeypatch.setattr(fd_compile, "capture_graph", Graph)
+    real = api.resolve_execution
+    monkeypatch.setattr(api, "resolve_execution", lambda cfg, model: real(
+        cfg.replace(cuda_graph_forward="off"), model)._replace(cuda_graph_forward=cfg.cuda_graph_forward == "on"))
+    steps = dict(drag_end_step=2) if method == "gooddrag" else dict(n_pix_step=4)
+    kw = dict(method=method, **steps, **QUICK, **extra)
+    eager = fastdrag.Editor(tiny_model).edit(image, FAR, cuda_graph_forward="off", **kw)
+    assert captured == []
+    graphed = fastdrag.Editor(tiny_model).edit(image, FAR, cuda_graph_forward="on", **kw)  # re-inverts, graphed
+    n_invert = round(graphed.config.inversion_strength * QUICK["n_inference_step"])
+    # per graph: the first call of its mode runs eagerly (the warm-up), the second captures, then each replays
+    replays = sorted(g.replays for g in captured)
+    if method == "dragdiffusion":  # inversion; denoising with plain attention (steps 0-2), then mutual (3-)
+        assert replays == sorted([n_invert - 1, 3 - 1, n_invert - 3 - 1]), replays
+    else:  # inversion; the mutual tail (AlDD's one-step denoises run eagerly: nothing to replay)
+        n_tail = len(graphed.trace["mutual_timesteps"])
+        assert replays == sorted([n_invert - 1, n_tail - 1]), replays
+    assert np.array_equal(_pixels(graphed), _pixels(eager))
+    assert torch.equal(graphed.trace["handles"], eager.trace["handles"])
+
+
+def test_host_read_guard_catches_a_host_read(tiny_model, image, stand_in_graph, monkeypatch):
+    """The guard above is not vacuous: a tracking op that reads its result on the host fails the graph path."""
+    import fastdrag.kernels as fast_ops
+
+    real = fast_ops.track
+
+    def track_with_a_sync(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.tolist()
+        return out
+
+    monkeypatch.setattr(fast_ops, "track", track_with_a_sync)
+    StandInGraph.guard.roots += (os.path.abspath(__file__),)  # this file's track_with_a_sync stands for fastdrag's
+    with pytest.raises(AssertionError, match="host read tolist"):
+        fastdrag.Editor(tiny_model).edit(image, FAR, backend="fast", cuda_graph="on", n_pix_step=4, **QUICK)
+
+
+def test_cuda_graph_switch_is_checked(tiny_model, image):
+    for switch in ("cuda_graph", "cuda_graph_forward"):
+        with pytest.raises(fastdrag.ConfigError, match=f"{switch}='on' needs a model on a CUDA device"):
+            fastdrag.Editor(tiny_model).edit(image, REACH, n_pix_step=2, **QUICK, **{switch: "on"})
+    with pytest.raises(fastdrag.ConfigError, match="not available for gooddrag"):
+        fastdrag.make_config("gooddrag", cuda_graph="on")
+    with pytest.raises(fastdrag.ConfigError, match="merge_lora must be"):
+        fastdrag.make_config("dragdiffusion", merge_lora="yes")
+    r = fastdrag.Editor(tiny_model).edit(image, REACH, n_pix_step=3, **QUICK)  # auto: off on the CPU
+    assert r.trace["cuda_graph"] is False
+
+
+def test_merge_lora_switch_runs_the_drag_on_merged_weights(tiny_model, image, monkeypatch):
+    """merge_lora="on": the drag loop and the denoising never run the adapter branch, the result matches the
+    unmerged run in fp32, and the adapter is back (unmerged, same weights) after the edit."""
+    ed = fastdrag.Editor(tiny_model)
+    kw = dict(n_pix_step=REACH_STEPS, **QUICK)
+    plain = ed.edit(image, REACH, merge_lora="off", **kw)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in tiny_model.unet.named_modules()
+             if n.endswith(f"lora_A.{ADAPTER}")]
+    weights = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    try:
+        merged = ed.edit(image, REACH, merge_lora="on", **kw)  # a second prepared state (inversion unmerged)
+        inversion_calls = len(calls)
+        calls.clear()
+        again = ed.edit(image, REACH, merge_lora="on", **kw)  # cached: only the drag and the denoising run
+        assert calls == []
+        ed.edit(image, REACH, merge_lora="off", **kw)
+        assert len(calls) > 0 and inversion_calls > 0  # the adapter is active again outside the merged block
+    finally:
+        for h in hooks:
+            h.remove()
+    for n, p in tiny_model.unet.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    for r in (merged, again):
+        assert torch.equal(r.trace["handles"], plain.trace["handles"])
+        torch.testing.assert_close(r.trace["z_dragged"], plain.trace["z_dragged"], rtol=0, atol=1e-4)
+        assert_images_close(plain, r)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +547,7 @@ def test_latency_benchmark_smoke(capsys):
 
     methods = ["dragdiffusion", "gooddrag", "dragtext", "clipdrag"]
     rc = latency.main(["--model", "tiny", "--size", "128", "--steps", "3", "--lora-steps", "1",
-                       "--methods", ",".join(methods), "--repeats", "1", "--smoke"])
+                       "--methods", ",".join(methods), "--repeats", "1", "--smoke", "--profile"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()
@@ -305,3 +558,4 @@ def test_latency_benchmark_smoke(capsys):
     waterfall = [ln.strip() for ln in lines if ln.startswith("  ") and "ms/step" in ln]
     assert waterfall and waterfall[0].startswith("reference fp32"), out
     assert all(any(w.startswith(name) for name in layers) for w in waterfall), out
+    assert "# profile of one DragDiffusion re-drag" in out and "aten::" in out, out

@@ -58,8 +58,8 @@ def test_fast_backend_on_cuda_follows_the_reference(cuda_model):
     reference (on the CPU the bf16 kernels alone give ~2) and no further from the fp32 image than 1.5x the bf16
     reference's own distance + 2 levels."""
     image = smooth_image()
-    assert resolve_execution(fastdrag.make_config("dragdiffusion", backend="fast"), cuda_model) == \
-        ("fast", torch.bfloat16, True)
+    assert tuple(resolve_execution(fastdrag.make_config("dragdiffusion", backend="fast"), cuda_model)) == \
+        ("fast", torch.bfloat16, True, True, True, True)
     ed = fastdrag.Editor(cuda_model)
     kw = dict(n_pix_step=30, **QUICK)
     try:
@@ -153,3 +153,49 @@ def test_fast_ops_take_the_cuda_kernels(cuda_model, monkeypatch):
     names = {e.key for e in prof.key_averages()}
     for kernel in ("_patch_fwd_kernel", "_patch_bwd_kernel", "_track_dist_kernel", "_track_select_kernel", "_fuse_"):
         assert any(kernel in n for n in names), (kernel, sorted(n for n in names if "kernel" in n))
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "dragtext", "clipdrag"])
+def test_captured_drag_step_matches_the_eager_step(cuda_model, method):
+    """cuda_graph="on" (iterations 0-1 eager, then one captured iteration replayed) against the same fast path
+    without capture: the same kernels on the same inputs, so the same handle trajectory and step count, and latents
+    equal up to bf16 rounding. The FAR pair never reaches its target (every step is a replay); REACH stops mid-run
+    with the flag read every 4 steps (masked replays after the stop). The CPU side of this check (no host read in the
+    captured iteration, state kept in place) is tests/test_fast_path.py::test_graph_path_matches_the_eager_loop..."""
+    image = smooth_image()
+    extra = dict(clip_model="tiny", edit_prompt="a photo") if method == "clipdrag" else {}
+    ed = fastdrag.Editor(cuda_model)
+    try:
+        for points, n, k in (([((30, 40), (60, 80))], 12, 1), (REACH, 30, 4)):
+            kw = dict(method=method, backend="fast", n_pix_step=n, check_every=k, **QUICK, **extra)
+            eager = ed.edit(image, points, cuda_graph="off", **kw)
+            graphed = ed.edit(image, points, cuda_graph="on", **kw)
+            assert graphed.trace["cuda_graph"] is True and eager.trace["cuda_graph"] is False
+            assert graphed.trace["steps"] == eager.trace["steps"] > 2
+            assert torch.equal(graphed.trace["handles"], eager.trace["handles"])
+            torch.testing.assert_close(graphed.trace["z_dragged"], eager.trace["z_dragged"], rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(graphed.trace["ms_loss"], eager.trace["ms_loss"], rtol=1e-2, atol=1e-3)
+            assert _mean_diff(graphed, eager) < 1.0
+    finally:
+        for compiled in ed._compiled.values():
+            compiled.close()
+        cuda_model.to(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", ["dragdiffusion", "gooddrag"])
+def test_forward_graphs_match_the_eager_passes_on_cuda(cuda_model, method):
+    """cuda_graph_forward="on" against "off" (both otherwise the fast default): inversion and denoising replayed
+    from CUDA graphs give the same image up to bf16 noise and the same handles (the drag sees the same inverted
+    latent up to that noise). Fresh Editors, so that each inverts."""
+    image = smooth_image()
+    steps = dict(drag_end_step=2) if method == "gooddrag" else dict(n_pix_step=8)
+    kw = dict(method=method, backend="fast", compile_unet="off", start_step=2, **steps, **QUICK)
+    try:
+        eager = fastdrag.Editor(cuda_model).edit(image, REACH, cuda_graph_forward="off", **kw)
+        graphed = fastdrag.Editor(cuda_model).edit(image, REACH, cuda_graph_forward="on", **kw)
+        assert _mean_diff(graphed, eager) < 1.0
+        (ex, ey), = eager.points
+        (gx, gy), = graphed.points
+        assert np.hypot(ex - gx, ey - gy) <= 2
+    finally:
+        cuda_model.to(dtype=torch.float32)

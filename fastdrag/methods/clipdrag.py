@@ -31,7 +31,6 @@ def run(ctx: DragContext) -> MethodOutput:
     cfg, model, sched = ctx.cfg, ctx.model, ctx.prep.schedule
     prompt = clip_prompt(ctx)
     t, c_src = sched.t_edit, ctx.prep.text_emb
-    records: dict[str, list] = {"clip_loss": [], "clip_cos": [], "g_local_norm": [], "g_global_norm": []}
 
     if not prompt.strip():
         # Official: no backward runs and the latent never moves (spec B8.1). We drag with G_l alone.
@@ -43,21 +42,21 @@ def run(ctx: DragContext) -> MethodOutput:
         objective = ClipObjective.build(cfg.clip_model, prompt, device=ctx.device, dtype=model.dtype,
                                         coef=cfg.clip_loss_coef)
 
-        def fuse(z: torch.Tensor, g_local: torch.Tensor, step: int) -> torch.Tensor:
+        def fuse(z: torch.Tensor, g_local: torch.Tensor, records) -> torch.Tensor:
             g_global, loss = global_gradient(model, sched, z, t, c_src, objective)
             gl, gg = g_local.float().flatten(), g_global.float().flatten()
             nl, ng = gl.norm(), gg.norm()
-            records["clip_loss"].append(loss)
-            records["clip_cos"].append(torch.where(nl * ng > 0, gl.dot(gg) / (nl * ng).clamp_min(1e-30),
-                                                   torch.zeros_like(nl)))
-            records["g_local_norm"].append(nl)
-            records["g_global_norm"].append(ng)
+            records.put("clip_loss", loss)
+            records.put("clip_cos", torch.where(nl * ng > 0, gl.dot(gg) / (nl * ng).clamp_min(1e-30),
+                                                torch.zeros_like(nl)))
+            records.put("g_local_norm", nl)
+            records.put("g_global_norm", ng)
             return ctx.ops.fuse_gradients(g_local, g_global.to(g_local.dtype), cfg.fuse_cof, rule=cfg.fusion)
 
     out = drag_at_edit_timestep(ctx, n_steps=cfg.n_pix_step, r_m=cfg.r_m, r_p=cfg.r_p, ms_reference="initial",
                                 step_cap=cfg.beta, closer_only=True, grad_transform=fuse)
-    # per live step (with check_every > 1 the steps after the stop are masked, and trail the live ones)
-    n = int(out.trace.get("steps", 0))
-    out.trace.update({k: torch.stack(v[:n]) if v[:n] else torch.zeros(0) for k, v in records.items()})
+    # the loop's trace holds the records per live step: clip_loss, clip_cos, g_local_norm, g_global_norm
+    for name in ("clip_loss", "clip_cos", "g_local_norm", "g_global_norm"):
+        out.trace.setdefault(name, torch.zeros(0))
     out.trace.update(clip_prompt=prompt, clip_used=fuse is not None, fusion=cfg.fusion, fuse_cof=cfg.fuse_cof)
     return out

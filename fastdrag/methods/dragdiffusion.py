@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..compile import capture_graph, graph_warmup
 from ..pipeline import (DragContext, TextLeaf, denoise_pair, mask_term, masked_step, motion_step,
                         reached_on_device)
 from . import MethodOutput, register
@@ -36,6 +37,101 @@ def reference_pass(ctx: DragContext, z: torch.Tensor, t: int, c: torch.Tensor):
     return ctx.prep.extras[key]
 
 
+class StepRecords:
+    """Per-iteration records of a drag loop, written into preallocated device buffers at the iteration counter
+    `i` (a device tensor), so that recording needs no host sync and a captured CUDA graph records on replay.
+    A series' buffer is allocated at its first put (an eager iteration, before any capture)."""
+
+    def __init__(self, n_steps: int, device):
+        self.n = n_steps
+        self.i = torch.zeros((), dtype=torch.long, device=device)
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = torch.zeros((self.n,) + tuple(value.shape), dtype=value.dtype,
+                                                   device=value.device)
+        buf.index_copy_(0, self.i.view(1), value[None].to(buf.dtype))
+
+    def series(self, name: str, iters: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The first `iters` records of `name` (those where `keep`, if given); empty if it was never recorded."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            return torch.zeros(0)
+        out = buf[:iters]
+        return out if keep is None else out[keep]
+
+
+class LatentLoop:
+    """The state of one latent optimization, on the device and updated in place, and its iteration split in two:
+    head (UNet forward, tracking, the stop flag) and tail (loss, backward, masked Adam steps, records). The eager
+    driver reads the stop flag between the two, exactly where the official loop breaks; a CUDA graph captures
+    head + tail as one step, whose updates are masked once the flag is up. Neither half reads anything on the host.
+    """
+
+    def __init__(self, ctx: DragContext, *, z_init, t, c, feat0, x_prev0, handles, targets, mask, n_steps: int,
+                 r_m: int, r_p: int, ms_reference: str, step_cap, closer_only: bool, ms_weight,
+                 grad_transform, mask_updates: bool, capturable: bool):
+        cfg, ops = ctx.cfg, ctx.ops
+        self.ctx, self.t, self.c, self.x_prev0, self.targets, self.mask = ctx, t, c, x_prev0, targets, mask
+        self.r_m, self.r_p, self.step_cap, self.closer_only = r_m, r_p, step_cap, closer_only
+        self.grad_transform, self.mask_updates = grad_transform, mask_updates
+        self.weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
+        self.handles_init = handles.clone()
+        self.handles = handles.clone()  # updated in place
+        F0, osz = ctx.features(feat0)
+        self.f0_ref = ops.sample_patches(F0, self.handles_init, 0, out_size=osz)[:, :, 0, 0]  # tracking: F0 at h0
+        self.ref_init = ops.sample_patches(F0, self.handles_init, r_m, out_size=osz) \
+            if ms_reference == "initial" else None
+        self.z = z_init.detach().float().clone().requires_grad_(True)  # fp32 leaf whatever the model dtype
+        self.opt = torch.optim.Adam([self.z], lr=cfg.latent_lr, capturable=capturable)
+        self.text = TextLeaf(c, cfg, ctx.model.pad_idx(ctx.req.prompt), capturable=capturable) \
+            if cfg.optimize_text else None
+        self.done = torch.zeros((), dtype=torch.bool, device=self.z.device)
+        self.rec = StepRecords(n_steps, self.z.device)
+        self._Fm = self._eps = self._osz = None
+
+    def head(self, track: bool) -> None:
+        ctx, dtype = self.ctx, self.ctx.model.dtype
+        c = self.c if self.text is None else self.text.value.to(dtype)
+        self._eps, feat = ctx.unet_features(self.z.to(dtype), self.t, c)
+        self._Fm, self._osz = ctx.features(feat)
+        if track:
+            with torch.no_grad():
+                tracked = ctx.ops.track(self._Fm.detach(), self.f0_ref, self.handles, self.targets, self.r_p,
+                                        out_size=self._osz, closer_only=self.closer_only)
+                self.handles.copy_(torch.where(self.done, self.handles, tracked))
+        self.done |= reached_on_device(self.handles, self.targets, self.ctx.cfg.stop_distance)
+        self.rec.put("handles", self.handles)
+
+    def tail(self) -> None:
+        ctx, ops, Fm, osz, handles = self.ctx, self.ctx.ops, self._Fm, self._osz, self.handles
+        done = self.done if self.mask_updates else None
+        _, active, d = motion_step(handles, self.targets, ctx.cfg.stop_distance, self.step_cap)
+        ref = self.ref_init if self.ref_init is not None else \
+            ops.sample_patches(Fm.detach(), handles, self.r_m, out_size=osz)
+        loss_ms = self.weight * (active * ops.patch_l1(Fm, ref, handles + d, self.r_m, out_size=osz)).sum()
+        loss = loss_ms + ctx.cfg.lam * mask_term(ctx.prep.schedule, self._eps, self.t, self.z, self.x_prev0,
+                                                 self.mask)
+        (g,) = torch.autograd.grad(loss, self.z, retain_graph=self.text is not None)  # the latent loss: z only
+        if self.text is not None:
+            self.text.update(loss_ms, done)
+        if self.grad_transform is not None:
+            g = self.grad_transform(self.z, g, self.rec)
+        masked_step(self.opt, self.z, g, done)
+        self.rec.put("ms_loss", loss_ms)
+        self.rec.put("live", ~self.done)
+        self.rec.i += 1
+        self._Fm = self._eps = None  # the graph of this iteration can go
+
+    def iteration(self) -> None:
+        """head + tail, with tracking: the step a CUDA graph captures."""
+        self.head(track=True)
+        self.tail()
+
+
 def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.Tensor, feat0: torch.Tensor,
                     x_prev0: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
                     n_steps: int, r_m: int, r_p: int, ms_reference: str = "current", step_cap: float | None = None,
@@ -45,58 +141,46 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
     -> stop if every handle is within stop_distance -> loss -> backward -> Adam.
 
     ms_reference: "current" (DragDiffusion: sg(F) at the current handle) or "initial" (GoodDrag/CLIPDrag: F0 at
-    the initial handle). step_cap: None for a unit step, else min(cap, dist). grad_transform(z, g, step) -> g
-    rewrites the latent gradient before the Adam step (CLIPDrag's fusion).
-    """
-    cfg, ops, sched = ctx.cfg, ctx.ops, ctx.prep.schedule
-    stop = cfg.stop_distance
-    weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
-    handles_init = handles.clone()
-    F0, osz = ctx.features(feat0)
-    f0_ref = ops.sample_patches(F0, handles_init, 0, out_size=osz)[:, :, 0, 0]  # tracking: F0 at the initial handle
-    ref_init = ops.sample_patches(F0, handles_init, r_m, out_size=osz) if ms_reference == "initial" else None
+    the initial handle). step_cap: None for a unit step, else min(cap, dist). grad_transform(z, g, records) -> g
+    rewrites the latent gradient before the Adam step (CLIPDrag's fusion); it may records.put(name, tensor).
 
-    dtype = ctx.model.dtype
-    z = z_init.detach().float().clone().requires_grad_(True)  # fp32 leaves whatever the model dtype
-    opt = torch.optim.Adam([z], lr=cfg.latent_lr)
-    text = TextLeaf(c, cfg, ctx.model.pad_idx(ctx.req.prompt)) if cfg.optimize_text else None
-    # The stop flag lives on the device. With check_every = 1 the host reads it every iteration, before the loss,
-    # exactly where the official loop breaks. With k > 1 the host reads it every k iterations and a finished run
-    # masks its own updates (latent, text, handles), which gives the same result without a sync per step.
-    every = cfg.check_every
-    done = torch.zeros((), dtype=torch.bool, device=z.device)
-    losses, live, trajectory = [], [], [handles.clone()]
-    for step in range(n_steps):
-        eps, feat = ctx.unet_features(z.to(dtype), t, c if text is None else text.value.to(dtype))
-        Fm, osz = ctx.features(feat)
-        if step > 0:
-            with torch.no_grad():
-                tracked = ops.track(Fm.detach(), f0_ref, handles, targets, r_p, out_size=osz, closer_only=closer_only)
-                handles = torch.where(done, handles, tracked)
-            trajectory.append(handles.clone())
-        done = done | reached_on_device(handles, targets, stop)
-        if step % every == 0 and bool(done):  # the only host check
-            break
-        _, active, d = motion_step(handles, targets, stop, step_cap)
-        ref = ref_init if ref_init is not None else ops.sample_patches(Fm.detach(), handles, r_m, out_size=osz)
-        loss_ms = weight * (active * ops.patch_l1(Fm, ref, handles + d, r_m, out_size=osz)).sum()
-        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, x_prev0, mask)
-        (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
-        if text is not None:
-            text.update(loss_ms, done, every)
-        if grad_transform is not None:
-            g = grad_transform(z, g, step)
-        masked_step(opt, z, g, done, every)
-        losses.append(loss_ms.detach())
-        live.append(~done)
-        ctx.reporter("drag", step + 1, n_steps)
-    live_t = torch.stack(live) if live else torch.zeros(0, dtype=torch.bool)
-    steps_done = int(live_t.sum())
-    losses = [l for l, ok in zip(losses, live_t.tolist()) if ok]
-    trace = {"ms_loss": torch.stack(losses) if losses else torch.zeros(0), "handles": torch.stack(trajectory),
-             "steps": steps_done, "handles_init": handles_init, "f0_ref": f0_ref}
-    c_edit = c if text is None else text.value.detach()
-    return LatentResult(z=z.detach(), c_edit=c_edit, handles=handles, trace=trace)
+    The stop flag lives on the device. With check_every = 1 the host reads it every iteration, before the loss,
+    exactly where the official loop breaks. With k > 1 the host reads it every k iterations and a finished run
+    masks its own updates (latent, text, handles), which gives the same result without a sync per step. With
+    ctx.cuda_graph the first two iterations run eagerly (they are the warm-up) and the rest replay one captured
+    graph of a whole iteration.
+    """
+    every = ctx.cfg.check_every
+    graph_on = ctx.cuda_graph and n_steps > 2
+    loop = LatentLoop(ctx, z_init=z_init, t=t, c=c, feat0=feat0, x_prev0=x_prev0, handles=handles,
+                      targets=targets, mask=mask, n_steps=n_steps, r_m=r_m, r_p=r_p, ms_reference=ms_reference,
+                      step_cap=step_cap, closer_only=closer_only, ms_weight=ms_weight,
+                      grad_transform=grad_transform, mask_updates=every > 1 or graph_on,
+                      capturable=graph_on and z_init.is_cuda)
+    graph = None
+    iters = 0
+    with graph_warmup(graph_on and z_init.is_cuda):
+        for step in range(n_steps):
+            iters += 1
+            if graph is None:
+                loop.head(track=step > 0)
+            else:
+                graph.replay()
+            if step % every == 0 and bool(loop.done):  # the only host read
+                break
+            if graph is None:
+                loop.tail()
+                if graph_on and step == 1:
+                    graph = capture_graph(loop.iteration)
+            ctx.reporter("drag", step + 1, n_steps)
+    rec = loop.rec
+    live = rec.series("live", iters) if "live" in rec.buffers else torch.zeros(0, dtype=torch.bool)
+    trace = {name: rec.series(name, len(live), live) for name in rec.buffers if name not in ("handles", "live")}
+    trace.update(ms_loss=rec.series("ms_loss", len(live), live), handles=rec.series("handles", iters),
+                 steps=int(live.sum()), handles_init=loop.handles_init, f0_ref=loop.f0_ref,
+                 cuda_graph=graph is not None)
+    c_edit = c if loop.text is None else loop.text.value.detach()
+    return LatentResult(z=loop.z.detach(), c_edit=c_edit, handles=loop.handles.clone(), trace=trace)
 
 
 def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
@@ -113,7 +197,8 @@ def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
     with ctx.reporter.stage("denoise"):
         _, z = denoise_pair(model, prep.zt, res.z.to(model.dtype), prep.text_emb, res.c_edit.to(model.dtype),
                             sched.denoise_timesteps, mutual=True, start_step=cfg.start_step,
-                            start_layer=cfg.start_layer, schedule=sched, reporter=ctx.reporter)
+                            start_layer=cfg.start_layer, schedule=sched, reporter=ctx.reporter,
+                            graphs=ctx.graph_forward)
     res.trace.update(c_edit=res.c_edit, z_dragged=res.z)
     return MethodOutput(latent=z, handles=res.handles, trace=res.trace)
 
