@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything the GPU owes, in as few device calls as possible. On the CPU machine, once per session:
+#
+#     ../shared/device/wheels.sh                          # diffusers wheels -> .whl/ (git-ignored)
+#     cp -r ../shared/device .gpu-tools && echo /.gpu-tools/ >> .git/info/exclude
+#
+# then one device call per phase (each fits in the 10-minute limit of a call), carrying .whl and .gpu-tools:
+#
+#     bash benchmarks/gpu_session.sh tests      # GPU tests: kernels on the device, fast path, capture
+#     bash benchmarks/gpu_session.sh kernels    # benchmarks.kernels -> JSON
+#     bash benchmarks/gpu_session.sh latency    # benchmarks.latency --profile -> JSON (SD-1.5 arch, random weights)
+#
+# Logs and JSON go to $OUT (the device tool's folder that comes back), else to benchmarks/results/gpu-run/.
+# Commit the JSON under benchmarks/results/ with the GPU, versions, commit and date it records.
+set -o pipefail
+phase=${1:-all}
+out=${OUT:-benchmarks/results/gpu-run}
+mkdir -p "$out"
+if [ -f .gpu-tools/install-on-gpu.sh ]; then
+    source .gpu-tools/install-on-gpu.sh || exit 1
+fi
+# kernels/ installs as fastdrag.kernels (setup.py); from a bare checkout, link it into place instead of installing
+python3 -c "import fastdrag.kernels" 2>/dev/null || ln -sfn ../kernels fastdrag/kernels
+export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
+rc=0
+case $phase in
+    tests|all)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py 2>&1 \
+            | tee "$out/gpu-tests.log" || rc=1 ;;
+esac
+case $phase in
+    kernels|all)
+        python3 -m benchmarks.kernels --out "$out" 2>&1 | tee "$out/kernels.log" || rc=1 ;;
+esac
+case $phase in
+    latency|all)
+        python3 -m benchmarks.latency --profile --out "$out" 2>&1 | tee "$out/latency.log" || rc=1 ;;
+esac
+exit $rc
