@@ -117,6 +117,15 @@ def run(args) -> dict:
               f"({row['per_drag_step_s'] * 1e3:.1f} ms/step), denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s"
               + (f" | peak {peak:.2f} GiB" if peak is not None else ""))
 
+    # 1a. the stages outside the drag loop with and without their CUDA graphs (LoRA fit, inversion, denoising)
+    if device.type == "cuda" and "dragdiffusion" in args.methods:
+        kw = dict(common, n_pix_step=args.steps)
+        plain = fastdrag.Editor(model).edit(image, points, cuda_graph_stages="off", **kw).timings
+        graphed = out["methods"]["dragdiffusion"]["first_edit"]
+        out["stage_graphs"] = {"off": plain, "on": graphed}
+        print("stage graphs (dragdiffusion first edit): " + ", ".join(
+            f"{k} {plain[k]:.2f}s -> {graphed[k]:.2f}s" for k in ("lora", "invert", "denoise")))
+
     # 1b. where a drag step's time goes: a profile of one DragDiffusion re-drag (prepared image cached)
     if args.profile:
         out["profile"] = profile_redrag(model, image, points, dict(common, n_pix_step=args.steps), device)

@@ -49,7 +49,7 @@ class Execution(NamedTuple):
     dtype: torch.dtype
     compile_unet: bool
     cuda_graph: bool  # capture the drag iteration (dragdiffusion, dragtext, clipdrag)
-    cuda_graph_forward: bool  # replay the inversion and denoising UNet passes from CUDA graphs
+    cuda_graph_stages: bool  # replay the LoRA fit's steps and the inversion and denoising passes from CUDA graphs
     merge_lora: bool
 
 
@@ -59,7 +59,7 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
     backend = resolve_backend(cfg, model)
     cuda = model.device.type == "cuda"
     fast_gpu = backend == "fast" and cuda
-    for name in ("cuda_graph", "cuda_graph_forward"):
+    for name in ("cuda_graph", "cuda_graph_stages"):
         if getattr(cfg, name) == "on" and not cuda:
             raise ConfigError(f"{name}='on' needs a model on a CUDA device; this one is on {model.device}")
 
@@ -68,7 +68,7 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
 
     dtype = DTYPES[cfg.precision] if cfg.precision != "auto" else (torch.bfloat16 if fast_gpu else model.dtype)
     return Execution(backend, dtype, switch(cfg.compile_unet), switch(cfg.cuda_graph),
-                     switch(cfg.cuda_graph_forward), switch(cfg.merge_lora))
+                     switch(cfg.cuda_graph_stages), switch(cfg.merge_lora))
 
 
 class Editor:
@@ -110,7 +110,7 @@ class Editor:
 
             set_lora(self.model.unet, prep.lora)
             return prep
-        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras, graphs=ex.cuda_graph_forward)
+        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras, graphs=ex.cuda_graph_stages)
         self._prepared[key] = prep
         for cache in (self._prepared, self._loras):
             while len(cache) > self.max_cached:
@@ -139,7 +139,7 @@ class Editor:
         ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
                           ops=fast_ops if ex.backend == "fast" else reference_ops,
                           lazy_upsample=ex.backend == "fast", reporter=reporter, unet_features=uf,
-                          cuda_graph=ex.cuda_graph, graph_forward=ex.cuda_graph_forward)
+                          cuda_graph=ex.cuda_graph, graph_stages=ex.cuda_graph_stages)
         try:
             with merged_lora(self.model.unet, ex.merge_lora):  # the drag and the denoising; inversion is cached
                 out = METHODS[method](ctx)

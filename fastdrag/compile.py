@@ -59,9 +59,9 @@ def capture_graph(step, pool=None) -> "torch.cuda.CUDAGraph":
     return graph
 
 
-class GraphedForward:
-    """A forward-only function of tensors, replayed from CUDA graphs (inversion and denoising: the same UNet pass
-    at every timestep, with new values in the same tensors).
+class GraphedCall:
+    """A function of tensors replayed from CUDA graphs: the same work at every step with new values in the same
+    tensors (a LoRA training step; an inversion or denoising UNet pass).
 
     One graph per `key`, the caller's name for what changes the computation besides the tensor values (the
     denoiser's mutual attention, on or off). Per key, the first call runs eagerly (the warm-up) and the second

@@ -49,7 +49,7 @@ class BaseConfig:
     precision: str = "auto"  # "fp32" | "bf16" | "fp16" | "auto" (bf16 with the fast backend on CUDA, else as loaded)
     compile_unet: str = "auto"  # "on" | "off" | "auto" (on with the fast backend on CUDA)
     cuda_graph: str = "auto"  # "on" | "off" | "auto": capture the drag iteration (on with the fast backend on CUDA)
-    cuda_graph_forward: str = "auto"  # "on" | "off" | "auto": replay inversion/denoising passes from CUDA graphs
+    cuda_graph_stages: str = "auto"  # "on" | "off" | "auto": LoRA fit, inversion, denoising steps from CUDA graphs
     merge_lora: str = "auto"  # "on" | "off" | "auto": fold the LoRA into the weights after the fit (as cuda_graph)
 
     def __post_init__(self):
@@ -85,7 +85,7 @@ class BaseConfig:
             raise ConfigError(f"start_step must be >= 0, got {self.start_step!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        for name in ("compile_unet", "cuda_graph", "cuda_graph_forward", "merge_lora"):
+        for name in ("compile_unet", "cuda_graph", "cuda_graph_stages", "merge_lora"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:

@@ -84,15 +84,24 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 
 def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, lr: float, batch_size: int,
-             rank: int, seed: int, autocast_dtype: torch.dtype | None = None, progress=None) -> dict:
-    """Train a fresh LoRA on `image` and leave it active in model.unet. Returns its weights."""
+             rank: int, seed: int, autocast_dtype: torch.dtype | None = None, progress=None,
+             graphs: bool = False) -> dict:
+    """Train a fresh LoRA on `image` and leave it active in model.unet. Returns its weights.
+
+    The random draws (crops, posterior samples, noise, timesteps) come from one CPU generator, in the same order
+    whatever the execution. With `graphs` the device work of a step (noising, UNet forward and backward, the
+    AdamW update) is replayed from a CUDA graph from the second step on; the draws travel in as tensors."""
+    from .compile import GraphedCall, graph_warmup
+
     unet, vae, device = model.unet, model.vae, model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ensure_adapter(unet, rank, seed)
     params = list(_lora_params(unet).values())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    on_cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                            capturable=graphs and on_cuda)
 
     res = model.resolution
     big = _resize_shorter(image, res)
@@ -111,30 +120,41 @@ def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, l
         return posteriors[(top, left)]
 
     cond = text_emb.expand(batch_size, -1, -1)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    # a captured graph cannot use autocast's weight-cast cache (it would replay casts of the first step's weights)
+    amp = torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not graphs) if autocast_dtype \
+        else contextlib.nullcontext()
+
+    def train_step(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> None:
+        a = alphas[t].view(-1, 1, 1, 1).to(x0.dtype)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with amp:
+            pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    run = GraphedCall(train_step) if graphs else None
     unet.train()
     try:
-        for step in range(steps):
-            latents = []
-            for _ in range(batch_size):
-                top = int(torch.randint(0, H - res + 1, (1,), generator=gen))
-                left = int(torch.randint(0, W - res + 1, (1,), generator=gen))
-                mean, std = posterior(top, left)
-                eps = torch.randn(mean.shape, generator=gen).to(device=device, dtype=mean.dtype)
-                latents.append(mean + std * eps)
-            x0 = torch.cat(latents) * model.scaling_factor
-            noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=x0.dtype)
-            t = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
-            a = alphas[t].view(-1, 1, 1, 1).to(x0.dtype)
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            with amp:
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if progress is not None:
-                progress("lora", step + 1, steps)
+        with graph_warmup(graphs and on_cuda):
+            for step in range(steps):
+                latents = []
+                for _ in range(batch_size):
+                    top = int(torch.randint(0, H - res + 1, (1,), generator=gen))
+                    left = int(torch.randint(0, W - res + 1, (1,), generator=gen))
+                    mean, std = posterior(top, left)
+                    eps = torch.randn(mean.shape, generator=gen).to(device=device, dtype=mean.dtype)
+                    latents.append(mean + std * eps)
+                x0 = torch.cat(latents) * model.scaling_factor
+                noise = torch.randn(x0.shape, generator=gen).to(device=device, dtype=x0.dtype)
+                t = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
+                if run is None:
+                    train_step(x0, noise, t)
+                else:
+                    run("lora", x0, noise, t)
+                if progress is not None:
+                    progress("lora", step + 1, steps)
     finally:
         unet.eval()
         for p in params:

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from . import lora as lora_mod
 from .attention import mutual_attention
-from .compile import GraphedForward, graph_warmup
+from .compile import GraphedCall, graph_warmup
 from .config import BaseConfig
 from .ddim import Schedule
 from .errors import InvalidInputError
@@ -239,7 +239,7 @@ def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, 
     then travels as a device tensor; diffusers builds the same int64 tensor from a Python int)."""
     z = z0
     steps = schedule.inversion_timesteps
-    fwd = GraphedForward(_unet_eps(model)) if graphs else None
+    fwd = GraphedCall(_unet_eps(model)) if graphs else None
     with graph_warmup(graphs and z.is_cuda):
         for i, t in enumerate(steps):
             if fwd is None:
@@ -261,7 +261,7 @@ def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool
     z = torch.cat([z_ref, z_edit])
     c = torch.cat([c_ref, c_edit])
     ctx = mutual_attention(model.unet, start_step, start_layer) if mutual else contextlib.nullcontext()
-    fwd = GraphedForward(_unet_eps(model)) if graphs else None
+    fwd = GraphedCall(_unet_eps(model)) if graphs else None
     with ctx as control, graph_warmup(graphs and z.is_cuda):
         for i, t in enumerate(timesteps):
             if control is not None:
@@ -299,7 +299,7 @@ def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter,
         with reporter.stage("lora"):
             weights = lora_mod.fit_lora(model, req.image, text_emb, steps=cfg.lora_steps, lr=cfg.lora_lr,
                                         batch_size=cfg.lora_batch_size, rank=cfg.lora_rank, seed=seed,
-                                        autocast_dtype=autocast_dtype, progress=reporter)
+                                        autocast_dtype=autocast_dtype, progress=reporter, graphs=graphs)
     else:
         weights = None
     if lora_cache is not None:
@@ -329,7 +329,8 @@ class DragContext:
     reporter: Reporter
     unet_features: UNetFeatures = None
     cuda_graph: bool = False  # capture the drag iteration in a CUDA graph (methods whose loop allows it)
-    graph_forward: bool = False  # replay the denoising UNet passes from CUDA graphs
+    graph_stages: bool = False  # replay the denoising UNet passes from CUDA graphs (the LoRA fit and the inversion
+    # take the same switch through prepare())
 
     def __post_init__(self):
         if self.unet_features is None:

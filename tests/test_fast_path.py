@@ -437,10 +437,11 @@ def test_graph_path_matches_the_eager_loop_and_reads_nothing_on_the_host(tiny_mo
 
 
 @pytest.mark.parametrize("method, extra", [("dragdiffusion", dict(start_step=3)), ("gooddrag", {})])
-def test_forward_graphs_match_the_eager_passes(tiny_model, image, monkeypatch, method, extra):
-    """cuda_graph_forward="on" on the CPU with stand-in graphs: inversion and denoising replay one captured UNet
-    pass per attention mode, with the timestep as a device tensor, and give the eager edit's image bit for bit.
-    DragDiffusion with start_step=3 denoises with plain attention for 3 steps, then mutual: two graphs."""
+def test_stage_graphs_match_the_eager_stages(tiny_model, image, monkeypatch, method, extra):
+    """cuda_graph_stages="on" on the CPU with stand-in graphs: the LoRA fit replays one captured training step and
+    gives the eager fit's weights bit for bit; inversion and denoising replay one captured UNet pass per attention
+    mode, with the timestep as a device tensor, and give the eager edit's image bit for bit. DragDiffusion with
+    start_step=3 denoises with plain attention for 3 steps, then mutual: two graphs."""
     import fastdrag.api as api
 
     guard = HostReadGuard(monkeypatch)
@@ -462,20 +463,27 @@ def test_forward_graphs_match_the_eager_passes(tiny_model, image, monkeypatch, m
     monkeypatch.setattr(fd_compile, "capture_graph", Graph)
     real = api.resolve_execution
     monkeypatch.setattr(api, "resolve_execution", lambda cfg, model: real(
-        cfg.replace(cuda_graph_forward="off"), model)._replace(cuda_graph_forward=cfg.cuda_graph_forward == "on"))
+        cfg.replace(cuda_graph_stages="off"), model)._replace(cuda_graph_stages=cfg.cuda_graph_stages == "on"))
     steps = dict(drag_end_step=2) if method == "gooddrag" else dict(n_pix_step=4)
-    kw = dict(method=method, **steps, **QUICK, **extra)
-    eager = fastdrag.Editor(tiny_model).edit(image, FAR, cuda_graph_forward="off", **kw)
+    kw = dict(method=method, **steps, **dict(QUICK, lora_steps=3), **extra)
+    eager_ed, graphed_ed = fastdrag.Editor(tiny_model), fastdrag.Editor(tiny_model)
+    eager = eager_ed.edit(image, FAR, cuda_graph_stages="off", **kw)
     assert captured == []
-    graphed = fastdrag.Editor(tiny_model).edit(image, FAR, cuda_graph_forward="on", **kw)  # re-inverts, graphed
+    graphed = graphed_ed.edit(image, FAR, cuda_graph_stages="on", **kw)  # fits and inverts again, graphed
     n_invert = round(graphed.config.inversion_strength * QUICK["n_inference_step"])
     # per graph: the first call of its mode runs eagerly (the warm-up), the second captures, then each replays
     replays = sorted(g.replays for g in captured)
-    if method == "dragdiffusion":  # inversion; denoising with plain attention (steps 0-2), then mutual (3-)
-        assert replays == sorted([n_invert - 1, 3 - 1, n_invert - 3 - 1]), replays
-    else:  # inversion; the mutual tail (AlDD's one-step denoises run eagerly: nothing to replay)
+    n_lora = 3
+    if method == "dragdiffusion":  # LoRA; inversion; denoising with plain attention (steps 0-2), then mutual (3-)
+        assert replays == sorted([n_lora - 1, n_invert - 1, 3 - 1, n_invert - 3 - 1]), replays
+    else:  # LoRA; inversion; the mutual tail (AlDD's one-step denoises run eagerly: nothing to replay)
         n_tail = len(graphed.trace["mutual_timesteps"])
-        assert replays == sorted([n_invert - 1, n_tail - 1]), replays
+        assert replays == sorted([n_lora - 1, n_invert - 1, n_tail - 1]), replays
+    (lora_eager,), (lora_graphed,) = eager_ed._loras.values(), graphed_ed._loras.values()
+    assert lora_eager.keys() == lora_graphed.keys()
+    for name in lora_eager:
+        assert torch.equal(lora_graphed[name], lora_eager[name]), name
+    assert any("lora_B" in n and lora_eager[n].abs().max() > 0 for n in lora_eager)  # the fit moved the adapter
     assert np.array_equal(_pixels(graphed), _pixels(eager))
     assert torch.equal(graphed.trace["handles"], eager.trace["handles"])
 
@@ -498,7 +506,7 @@ def test_host_read_guard_catches_a_host_read(tiny_model, image, stand_in_graph, 
 
 
 def test_cuda_graph_switch_is_checked(tiny_model, image):
-    for switch in ("cuda_graph", "cuda_graph_forward"):
+    for switch in ("cuda_graph", "cuda_graph_stages"):
         with pytest.raises(fastdrag.ConfigError, match=f"{switch}='on' needs a model on a CUDA device"):
             fastdrag.Editor(tiny_model).edit(image, REACH, n_pix_step=2, **QUICK, **{switch: "on"})
     with pytest.raises(fastdrag.ConfigError, match="not available for gooddrag"):

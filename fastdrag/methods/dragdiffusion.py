@@ -198,7 +198,7 @@ def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
         _, z = denoise_pair(model, prep.zt, res.z.to(model.dtype), prep.text_emb, res.c_edit.to(model.dtype),
                             sched.denoise_timesteps, mutual=True, start_step=cfg.start_step,
                             start_layer=cfg.start_layer, schedule=sched, reporter=ctx.reporter,
-                            graphs=ctx.graph_forward)
+                            graphs=ctx.graph_stages)
     res.trace.update(c_edit=res.c_edit, z_dragged=res.z)
     return MethodOutput(latent=z, handles=res.handles, trace=res.trace)
 

@@ -181,7 +181,7 @@ def run(ctx: DragContext) -> MethodOutput:
         drag_ts.append(t)
         with ctx.reporter.stage("denoise"):
             z_ref, z = denoise_pair(model, z_ref, z.to(model.dtype), c, c_edit.to(model.dtype), [t], mutual=False,
-                                    schedule=sched, graphs=ctx.graph_forward)
+                                    schedule=sched, graphs=ctx.graph_stages)
         plain_ts.append(t)
         i += 1
     if st.stop_reason is None:
@@ -192,7 +192,7 @@ def run(ctx: DragContext) -> MethodOutput:
     with ctx.reporter.stage("denoise"):
         _, z = denoise_pair(model, z_ref, z, c, c_edit.to(model.dtype), rest, mutual=True,
                             start_step=cfg.start_step, start_layer=cfg.start_layer, schedule=sched,
-                            reporter=ctx.reporter, graphs=ctx.graph_forward)
+                            reporter=ctx.reporter, graphs=ctx.graph_stages)
     trace = {
         "drag_timesteps": drag_ts,
         "plain_denoise_timesteps": plain_ts,
