@@ -89,7 +89,7 @@ class Editor:
 
     def _unet_pass(self, feature_idx: int) -> torch.nn.Module:
         if feature_idx not in self._compiled:
-            from .compile import compile_unet_features
+            from .compile import compile_unet_features  # looked up per call: the tests swap the compile backend
 
             self._compiled[feature_idx] = compile_unet_features(UNetFeatures(self.model.unet, feature_idx))
         return self._compiled[feature_idx]

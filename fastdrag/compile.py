@@ -34,10 +34,10 @@ def compile_unet_features(uf: UNetFeatures, backend: str = "inductor") -> Compil
 
 
 @contextlib.contextmanager
-def graph_warmup(on: bool):
+def graph_warmup(on: bool, device: torch.device):
     """Run the enclosed work (the eager warm-up iterations, the capture and the replays) on a side stream, as CUDA
-    graph capture requires of the iterations before it; a no-op when `on` is False."""
-    if not on:
+    graph capture requires of the iterations before it; a no-op unless `on` and `device` is a CUDA device."""
+    if not on or device.type != "cuda":
         yield
         return
     main = torch.cuda.current_stream()
@@ -66,7 +66,7 @@ class GraphedCall:
     One graph per `key`, the caller's name for what changes the computation besides the tensor values (the
     denoiser's mutual attention, on or off). Per key, the first call runs eagerly (the warm-up) and the second
     captures. Arguments are copied into the graph's input buffers; the result is the graph's output tensor, which
-    the next replay overwrites: use it (or copy it) before the next call. Call inside graph_warmup(True)."""
+    the next replay overwrites: use it (or copy it) before the next call. Call inside graph_warmup(True, device)."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .compile import GraphedCall, graph_warmup
+
 ADAPTER = "fastdrag"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -91,17 +93,14 @@ def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, l
     The random draws (crops, posterior samples, noise, timesteps) come from one CPU generator, in the same order
     whatever the execution. With `graphs` the device work of a step (noising, UNet forward and backward, the
     AdamW update) is replayed from a CUDA graph from the second step on; the draws travel in as tensors."""
-    from .compile import GraphedCall, graph_warmup
-
     unet, vae, device = model.unet, model.vae, model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ensure_adapter(unet, rank, seed)
     params = list(_lora_params(unet).values())
     for p in params:
         p.requires_grad_(True)
-    on_cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                            capturable=graphs and on_cuda)
+                            capturable=graphs and device.type == "cuda")
 
     res = model.resolution
     big = _resize_shorter(image, res)
@@ -137,7 +136,7 @@ def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, l
     run = GraphedCall(train_step) if graphs else None
     unet.train()
     try:
-        with graph_warmup(graphs and on_cuda):
+        with graph_warmup(graphs, device):
             for step in range(steps):
                 latents = []
                 for _ in range(batch_size):

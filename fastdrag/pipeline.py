@@ -240,7 +240,7 @@ def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, 
     z = z0
     steps = schedule.inversion_timesteps
     fwd = GraphedCall(_unet_eps(model)) if graphs else None
-    with graph_warmup(graphs and z.is_cuda):
+    with graph_warmup(graphs, z.device):
         for i, t in enumerate(steps):
             if fwd is None:
                 eps = model.unet(z, t, encoder_hidden_states=text_emb, return_dict=False)[0]
@@ -262,7 +262,7 @@ def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool
     c = torch.cat([c_ref, c_edit])
     ctx = mutual_attention(model.unet, start_step, start_layer) if mutual else contextlib.nullcontext()
     fwd = GraphedCall(_unet_eps(model)) if graphs else None
-    with ctx as control, graph_warmup(graphs and z.is_cuda):
+    with ctx as control, graph_warmup(graphs, z.device):
         for i, t in enumerate(timesteps):
             if control is not None:
                 control.step = i

@@ -97,16 +97,21 @@ def _pid(case):
     return f"{DT_ID[dt]}-r{r}-N{n}-" + ("same" if up is None else f"up{up[0]}x{up[1]}")
 
 
+def _patch_inputs(case, seed: int):
+    """(gen, feat [5, 7, 9], centers [n, 2] on the sampled grid, patch side k) of a PATCH_CASES case."""
+    dtype, radius, n, out_size = case
+    gen = torch.Generator().manual_seed(seed + radius * 10 + n)
+    C, h, w = 5, 7, 9
+    H2, W2 = out_size or (h, w)
+    return gen, _map(C, h, w, dtype, gen), _centers(n, H2, W2, gen), 2 * radius + 1
+
+
 @needs_triton
 @pytest.mark.parametrize("case", PATCH_CASES, ids=_pid)
 def test_sample_patches_forward_backward(case):
     dtype, radius, n, out_size = case
-    gen = torch.Generator().manual_seed(1000 + radius * 10 + n)
-    C, h, w = 5, 7, 9
-    H2, W2 = out_size or (h, w)
-    feat = _map(C, h, w, dtype, gen)
-    centers = _centers(n, H2, W2, gen)
-    k = 2 * radius + 1
+    gen, feat, centers, k = _patch_inputs(case, 1000)
+    C = feat.shape[0]
 
     x = feat.clone().requires_grad_()
     out = K.sample_patches(x, centers, radius, out_size=out_size)
@@ -126,12 +131,7 @@ def test_sample_patches_forward_backward(case):
 @pytest.mark.parametrize("case", PATCH_CASES, ids=_pid)
 def test_patch_l1_forward_backward(case):
     dtype, radius, n, out_size = case
-    gen = torch.Generator().manual_seed(2000 + radius * 10 + n)
-    C, h, w = 5, 7, 9
-    H2, W2 = out_size or (h, w)
-    feat = _map(C, h, w, dtype, gen)
-    centers = _centers(n, H2, W2, gen)
-    k = 2 * radius + 1
+    gen, feat, centers, k = _patch_inputs(case, 2000)
     # Reference patches at least 0.1 away from the sample, on a random side: |ref - S| has no kink within
     # rounding distance, so sign(ref - S) (the gradient) is the same for the kernel and the fp32 reference.
     base = reference.sample_patches(feat.float(), centers, radius, out_size=out_size)

@@ -159,7 +159,7 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
                       capturable=graph_on and z_init.is_cuda)
     graph = None
     iters = 0
-    with graph_warmup(graph_on and z_init.is_cuda):
+    with graph_warmup(graph_on, z_init.device):
         for step in range(n_steps):
             iters += 1
             if graph is None:
@@ -175,10 +175,10 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
             ctx.reporter("drag", step + 1, n_steps)
     rec = loop.rec
     live = rec.series("live", iters) if "live" in rec.buffers else torch.zeros(0, dtype=torch.bool)
-    trace = {name: rec.series(name, len(live), live) for name in rec.buffers if name not in ("handles", "live")}
-    trace.update(ms_loss=rec.series("ms_loss", len(live), live), handles=rec.series("handles", iters),
-                 steps=int(live.sum()), handles_init=loop.handles_init, f0_ref=loop.f0_ref,
-                 cuda_graph=graph is not None)
+    per_live_step = (set(rec.buffers) | {"ms_loss"}) - {"handles", "live"}  # ms_loss: empty if no tail ran
+    trace = {name: rec.series(name, len(live), live) for name in per_live_step}
+    trace.update(handles=rec.series("handles", iters), steps=int(live.sum()), handles_init=loop.handles_init,
+                 f0_ref=loop.f0_ref, cuda_graph=graph is not None)
     c_edit = c if loop.text is None else loop.text.value.detach()
     return LatentResult(z=loop.z.detach(), c_edit=c_edit, handles=loop.handles.clone(), trace=trace)
 
