@@ -21,4 +21,16 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.latency
 
-.PHONY: install demo test bench
+# The suite under the GPU image's versions (constraints-gpu-image.txt), on the CPU; not part of CI (~4 GB).
+GPU_IMAGE_PYTHON ?= python3.12
+GPU_IMAGE_VENV   ?= .venv-gpu-image
+$(GPU_IMAGE_VENV)/.installed: setup.py constraints-gpu-image.txt
+	$(GPU_IMAGE_PYTHON) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_IMAGE_VENV)/bin/python -m pip install -q -c constraints-gpu-image.txt -e '.[test]'
+	touch $@
+
+test-gpu-image: $(GPU_IMAGE_VENV)/.installed
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(GPU_IMAGE_VENV)/bin/python -m pytest -q tests
+
+.PHONY: install demo test bench test-gpu-image

@@ -225,17 +225,24 @@ def _patch_bwd_kernel(
 _TILE_ELEMS = 4096 if INTERPRET else 1024
 
 
-def _tiles(C: int, P: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) for a patch of P positions: ~_TILE_ELEMS elements per program (4 warps).
+def _tiles(C: int, P: int, elems: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for a patch of P positions: ~`elems` elements per program (4 warps).
 
     BLOCK_P is the power of two in [16, 128] that pads P the least (ties: the larger), e.g. 9 -> 16,
-    81 -> 32 (3 blocks, 96 lanes instead of 128), 625 -> 128. 1K elements keeps the 16-tap forward at
-    ~155 registers/thread on sm_90 (the compiler keeps all 16 gathers in flight, which is what hides their
-    latency) without spills; 2K elements pushed the fused-L1 backward to ~190-250 registers.
+    81 -> 32 (3 blocks, 96 lanes instead of 128), 625 -> 128.
     """
     block_p = min((16, 32, 64, 128), key=lambda b: (cdiv(P, b) * b, -b))
-    block_c = min(next_pow2(C), max(1, _TILE_ELEMS // block_p))
+    block_c = min(next_pow2(C), max(1, elems // block_p))
     return block_c, block_p
+
+
+def _bwd_tile_elems(out_size) -> int:
+    """Tile of the backward scatter. On the upsampled map every element scatters 16 taps (fp32 atomics) and
+    the fused-L1 form also recomputes the sample, so on a GPU it gets half the forward's tile: at 1K elements
+    Triton 3.6 (the GPU image's) compiles it for sm_90 at 255 registers with 460-516 B of spills in bf16/fp16,
+    at 512 with none (`python -m benchmarks.compile_sm90` prints registers and spills of every launch).
+    """
+    return _TILE_ELEMS if INTERPRET or out_size is None else _TILE_ELEMS // 2
 
 
 def _check(feat: torch.Tensor, centers: torch.Tensor, radius: int) -> None:
@@ -261,9 +268,9 @@ def _launch(kernel, feat, centers, ref, out, extra, radius, out_size, L1, grid_p
                      BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
 
 
-def _grid(N: int, C: int, radius: int):
+def _grid(N: int, C: int, radius: int, elems: int | None = None):
     P = (2 * radius + 1) ** 2
-    block_c, block_p = _tiles(C, P)
+    block_c, block_p = _tiles(C, P, _TILE_ELEMS if elems is None else elems)
     return block_c, block_p, (N, cdiv(P, block_p), cdiv(C, block_c))
 
 
@@ -300,7 +307,7 @@ def _sample_patches_bwd_triton(grad, centers, radius, out_size, h, w, dtype):
     if N and C:
         # The kernel only needs the map's shape here; `gfeat` stands in for the (unused) map pointer.
         _launch(_patch_bwd_kernel, gfeat, centers, grad, (grad, gfeat), (1,), radius, out_size, False,
-                _grid(N, C, radius))
+                _grid(N, C, radius, _bwd_tile_elems(out_size)))
     return gfeat.to(dtype)
 
 
@@ -312,7 +319,7 @@ def _patch_l1_bwd_triton(grad, feat, ref_patches, centers, radius, out_size):
     gfeat = torch.zeros((C, h, w), dtype=torch.float32, device=feat.device)
     if N and C:
         _launch(_patch_bwd_kernel, feat, centers, ref, (grad, gfeat), (C * k * k,), radius, out_size, True,
-                _grid(N, C, radius))
+                _grid(N, C, radius, _bwd_tile_elems(out_size)))
     return gfeat.to(feat.dtype)
 
 

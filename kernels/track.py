@@ -33,6 +33,16 @@ __all__ = ["track"]
 # interpreter pays per program, so it keeps one program per handle; tests raise it to cover the split.
 _TARGET_PROGRAMS = 1 if INTERPRET else 256
 
+# Tile elements per channel step of the distance pass: a whole 25x25 window (1024 lanes) x 2 channels, or
+# 64 lanes x 32 channels. On the upsampled map each element gathers 4 taps, and on a GPU that gets half the
+# tile: at 2K, Triton 3.6 (the GPU image's) compiles the radius-3 pass for sm_90 at 255 registers with spills,
+# at 1K at 144 without (`python -m benchmarks.compile_sm90`).
+_TRACK_TILE_ELEMS = 2048
+
+
+def _track_tile_elems(out_size) -> int:
+    return _TRACK_TILE_ELEMS if INTERPRET or out_size is None else _TRACK_TILE_ELEMS // 2
+
 
 @triton.jit
 def _track_window(handles_ptr, i, H2, W2, RADIUS: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -149,8 +159,7 @@ def _track_triton(feat, ref, handles, targets, radius, out_size, closer_only):
     if N == 0:
         return out
     block_q = next_pow2((2 * radius + 1) ** 2)
-    # ~2K tile elements per channel step: a whole 25x25 window (1024 lanes) x 2 channels, or 64 x 32.
-    block_c = min(next_pow2(max(C, 1)), max(1, 2048 // block_q))
+    block_c = min(next_pow2(max(C, 1)), max(1, _track_tile_elems(out_size) // block_q))
     c_split, split = _split(N, max(C, 1), block_c)
     part = new_output((N, split, block_q), torch.float32, feat.device)
     with device_ctx(feat):
