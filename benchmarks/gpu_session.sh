@@ -8,7 +8,11 @@
 #
 #     bash benchmarks/gpu_session.sh tests      # GPU tests: kernels on the device, fast path, capture
 #     bash benchmarks/gpu_session.sh kernels    # benchmarks.kernels -> JSON
-#     bash benchmarks/gpu_session.sh latency    # benchmarks.latency --profile -> JSON (SD-1.5 arch, random weights)
+#     bash benchmarks/gpu_session.sh latency    # benchmarks.latency --part stages --profile -> JSON (SD-1.5, random)
+#     bash benchmarks/gpu_session.sh waterfall  # benchmarks.latency --part waterfall -> JSON
+#
+# The latency parts write their JSON after every method / waterfall layer, so a call that hits the 10-minute
+# limit still brings back what it measured ("complete": false).
 #
 # Logs and JSON go to $OUT (the device tool's folder that comes back), else to benchmarks/results/gpu-run/.
 # Commit the JSON under benchmarks/results/ with the GPU, versions, commit and date it records.
@@ -35,6 +39,10 @@ case $phase in
 esac
 case $phase in
     latency|all)
-        python3 -m benchmarks.latency --profile --out "$out" 2>&1 | tee "$out/latency.log" || rc=1 ;;
+        python3 -m benchmarks.latency --part stages --profile --out "$out" 2>&1 | tee "$out/latency.log" || rc=1 ;;
+esac
+case $phase in
+    waterfall|all)
+        python3 -m benchmarks.latency --part waterfall --out "$out" 2>&1 | tee "$out/waterfall.log" || rc=1 ;;
 esac
 exit $rc

@@ -1,6 +1,8 @@
 """Latency of whole edits, per stage, and the fast-path waterfall, measured side by side in one run.
 
     python -m benchmarks.latency                       # CUDA: full SD-1.5 architecture, random weights, 512x512
+    python -m benchmarks.latency --part stages --profile   # the per-method stages and the profile only
+    python -m benchmarks.latency --part waterfall          # the waterfall only (each part fits one device call)
     python -m benchmarks.latency --model tiny --size 128 --steps 4 --smoke   # CPU: checks the script runs
 
 The model is the SD-1.5 architecture with RANDOM weights (no checkpoints on the benchmark machines): the cost of
@@ -9,7 +11,8 @@ number of drag steps (targets far away, early stop disabled) and the same inputs
 for each method, seconds per drag step, a re-drag with the prepared image cached, the waterfall
 (reference fp32 -> +bf16 -> +compile -> +kernels & lazy upsample -> +LoRA merged -> +device stop flag -> +CUDA
 graph of the drag step), analytic FLOPs per
-drag step and achieved TFLOP/s, and peak memory. Written to benchmarks/results/<device>.json.
+drag step and achieved TFLOP/s, and peak memory. Written to <out>/latency[-<part>]-<device>.json after every
+method and every waterfall layer ("complete": false until the end), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def result_path(args, device_name: str) -> str:
+    name = device_name.replace(" ", "_").replace("/", "_")
+    part = "" if args.part == "all" else f"-{args.part}"
+    return os.path.join(args.out, f"latency{part}-{name}.json")
+
+
+def _save(out: dict, args) -> None:
+    """Write what has been measured so far (not in --smoke runs: CPU numbers are not results)."""
+    if args.smoke:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    with open(result_path(args, out["device"]), "w") as f:
+        json.dump(out, f, indent=2)
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = fastdrag.load_model(args.model, device=device)
@@ -82,14 +100,15 @@ def run(args) -> dict:
         "torch": torch.__version__, "triton": _triton_version(), "diffusers": _version("diffusers"),
         "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": f"{args.model} (random weights)", "image": f"{size}x{size}", "drag_steps": args.steps,
-        "lora_steps": args.lora_steps, "flops_per_drag_step_tflop": flops / 1e12, "methods": {}, "waterfall": [],
+        "lora_steps": args.lora_steps, "flops_per_drag_step_tflop": flops / 1e12, "part": args.part,
+        "complete": False, "methods": {}, "waterfall": [],
     }
     print(f"# fastdrag latency on {out['device']}: {args.model} with RANDOM weights, {size}x{size}, "
           f"{args.steps} drag steps, LoRA {args.lora_steps} steps; commit {out['commit']}")
     print(f"# analytic drag step (UNet forward + backward to the latent): {flops / 1e12:.3f} TFLOP")
 
     # 1. per-stage times for each method on the default execution of this device, plus a cached re-drag
-    for method in args.methods:
+    for method in (args.methods if args.part in ("all", "stages") else []):
         ed = fastdrag.Editor(model)
         kw = dict(common)
         if method == "gooddrag":
@@ -116,23 +135,26 @@ def run(args) -> dict:
               f"{first.timings['invert']:.2f}) | re-drag {t['total']:6.2f}s: drag {t['drag']:.2f}s "
               f"({row['per_drag_step_s'] * 1e3:.1f} ms/step), denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s"
               + (f" | peak {peak:.2f} GiB" if peak is not None else ""))
+        _save(out, args)
 
     # 1a. the stages outside the drag loop with and without their CUDA graphs (LoRA fit, inversion, denoising)
-    if device.type == "cuda" and "dragdiffusion" in args.methods:
+    if device.type == "cuda" and "dragdiffusion" in out["methods"]:
         kw = dict(common, n_pix_step=args.steps)
         plain = fastdrag.Editor(model).edit(image, points, cuda_graph_stages="off", **kw).timings
         graphed = out["methods"]["dragdiffusion"]["first_edit"]
         out["stage_graphs"] = {"off": plain, "on": graphed}
         print("stage graphs (dragdiffusion first edit): " + ", ".join(
             f"{k} {plain[k]:.2f}s -> {graphed[k]:.2f}s" for k in ("lora", "invert", "denoise")))
+        _save(out, args)
 
     # 1b. where a drag step's time goes: a profile of one DragDiffusion re-drag (prepared image cached)
-    if args.profile:
+    if args.profile and args.part in ("all", "stages"):
         out["profile"] = profile_redrag(model, image, points, dict(common, n_pix_step=args.steps), device)
         print(out["profile"])
+        _save(out, args)
 
     # 2. the waterfall: DragDiffusion drag loop, each layer added, same inputs, same process
-    if not args.no_waterfall:
+    if not args.no_waterfall and args.part in ("all", "waterfall"):
         base = None
         for name, layer in WATERFALL:
             if device.type != "cuda" and (layer.get("precision") != "fp32" or layer.get("compile_unet") == "on"):
@@ -150,6 +172,7 @@ def run(args) -> dict:
                                      "tflops": flops / per_step / 1e12})
             print(f"  {name:38s} {per_step * 1e3:9.2f} ms/step  x{base / per_step:6.2f}  "
                   f"{flops / per_step / 1e12:7.1f} TFLOP/s")
+            _save(out, args)
         model.to(dtype=torch.float32)
     return out
 
@@ -189,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="dragdiffusion,gooddrag,dragtext,clipdrag")
     ap.add_argument("--clip-model", default="tiny", help="CLIP for clipdrag (tiny = random, no download)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--part", choices=("all", "stages", "waterfall"), default="all",
+                    help="stages: per-method stages, stage graphs and --profile; waterfall: the waterfall only")
     ap.add_argument("--no-waterfall", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile one DragDiffusion re-drag (kernel table)")
     ap.add_argument("--device", default=None)
@@ -202,13 +227,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = run(args)
     out["wall_s"] = time.perf_counter() - t0
+    out["complete"] = True
+    _save(out, args)
     if not args.smoke:
-        os.makedirs(args.out, exist_ok=True)
-        name = out["device"].replace(" ", "_").replace("/", "_")
-        path = os.path.join(args.out, f"latency-{name}.json")
-        with open(path, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {path}")
+        print(f"wrote {result_path(args, out['device'])}")
     return 0
 
 

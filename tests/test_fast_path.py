@@ -541,19 +541,33 @@ def test_merge_lora_switch_runs_the_drag_on_merged_weights(tiny_model, image, mo
 
 
 def test_latency_benchmark_smoke(capsys):
+    """Both parts of the benchmark (each one device call on a GPU) run and print only their own sections."""
+    import argparse
+
     from benchmarks import latency
 
     methods = ["dragdiffusion", "gooddrag", "dragtext", "clipdrag"]
-    rc = latency.main(["--model", "tiny", "--size", "128", "--steps", "3", "--lora-steps", "1",
-                       "--methods", ",".join(methods), "--repeats", "1", "--smoke", "--profile"])
+    common = ["--model", "tiny", "--size", "128", "--steps", "3", "--lora-steps", "1", "--repeats", "1", "--smoke"]
+    rc = latency.main(common + ["--part", "stages", "--methods", ",".join(methods), "--profile"])
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = out.splitlines()
     for m in methods:
         rows = [ln for ln in lines if ln.startswith(m + " ")]
         assert len(rows) == 1 and "first edit" in rows[0] and "ms/step" in rows[0], (m, out)
+    assert "# profile of one DragDiffusion re-drag" in out and "aten::" in out, out
+    assert not [ln for ln in lines if ln.startswith("  ") and "ms/step" in ln], out  # no waterfall
+
+    rc = latency.main(common + ["--part", "waterfall", "--profile"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
     layers = [name for name, _ in latency.WATERFALL]
     waterfall = [ln.strip() for ln in lines if ln.startswith("  ") and "ms/step" in ln]
     assert waterfall and waterfall[0].startswith("reference fp32"), out
     assert all(any(w.startswith(name) for name in layers) for w in waterfall), out
-    assert "# profile of one DragDiffusion re-drag" in out and "aten::" in out, out
+    assert not any(ln.startswith(m + " ") for m in methods for ln in lines), out
+    assert "# profile" not in out, out
+    args = argparse.Namespace(part="waterfall", out="res")
+    assert latency.result_path(args, "NVIDIA H100 80GB HBM3") == os.path.join("res",
+                                                                             "latency-waterfall-NVIDIA_H100_80GB_HBM3.json")
