@@ -95,9 +95,11 @@ def _arg_type(v) -> str:
 
 def record_launches(drive) -> list[Launch]:
     """Run `drive()` with Triton dispatch forced on CPU tensors and every launch recorded, not executed."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("record_launches needs compiled-mode Triton (TRITON_INTERPRET unset)")
     mods = [importlib.import_module(f"fastdrag.kernels.{m}") for m in _OPS_MODULES]
+    if importlib.import_module("fastdrag.kernels._dispatch").INTERPRET:
+        # the kernels were built as interpreter functions: nothing would reach JITFunction.run
+        raise RuntimeError("record_launches needs the kernels built in compiled mode: run it in a process "
+                           "started without TRITON_INTERPRET=1 (python -m benchmarks.compile_sm90 does that)")
     seen: dict = {}
 
     def run(self, *args, grid, warmup, **kwargs):

@@ -6,7 +6,7 @@
 #
 # then one device call per phase (each fits in the 10-minute limit of a call), carrying .whl and .gpu-tools:
 #
-#     bash benchmarks/gpu_session.sh tests      # GPU tests: kernels on the device, fast path, capture
+#     bash benchmarks/gpu_session.sh tests      # every kernel test on CUDA tensors + the GPU tests (capture, compile)
 #     bash benchmarks/gpu_session.sh kernels    # benchmarks.kernels -> JSON
 #     bash benchmarks/gpu_session.sh latency    # benchmarks.latency --part stages --profile -> JSON (SD-1.5, random)
 #     bash benchmarks/gpu_session.sh waterfall  # benchmarks.latency --part waterfall -> JSON
@@ -30,7 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.
 rc=0
 case $phase in
     tests|all)
-        python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py 2>&1 \
+        # all of test_kernels (every kernel against its reference, on CUDA tensors now) + the GPU-only tests
+        python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py 2>&1 \
             | tee "$out/gpu-tests.log" || rc=1 ;;
 esac
 case $phase in
