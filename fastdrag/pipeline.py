@@ -175,6 +175,17 @@ def _check_point(p, W, H, what):
         raise InvalidInputError(f"{what} {p!r} is not finite")
     if not (0 <= x < W and 0 <= y < H):
         raise InvalidInputError(f"{what} (x={x:g}, y={y:g}) is outside the {W}x{H} image")
+    # The methods put points on the half-resolution grid (int(H/2), int(W/2)) at round(y/H*sh), round(x/W*sw), as
+    # official (Request.feature_points); the last pixel row/column can round to one past the grid's end, which the
+    # official code indexes out of range. Refuse it rather than clamp it.
+    sh, sw = int(0.5 * H), int(0.5 * W)
+    row, col = torch.round(torch.tensor([y, x]) / torch.tensor([H, W]) * torch.tensor([sh, sw], dtype=torch.float32))
+    for name, v, n, edge in (("row", row, sh, "bottom"), ("column", col, sw, "right")):
+        if v >= n:
+            raise InvalidInputError(
+                f"{what} (x={x:g}, y={y:g}) rounds to {name} {int(v)} of the {sh}x{sw} supervision grid (the methods "
+                f"track points at half the image's resolution), past its last {name} {n - 1}: move it off the "
+                f"image's {edge} edge")
     return x, y
 
 

@@ -17,6 +17,9 @@ PTS = [((40, 60), (70, 60))]
 @pytest.mark.parametrize("kwargs, match", [
     (dict(points=[((200, 10), (10, 10))]), "outside"),
     (dict(points=[((10, 10), (10, -1))]), "outside"),
+    # 128 px -> 64-cell supervision grid: x = 127 rounds to column 64 (the official code would index past the end)
+    (dict(points=[((127, 10), (10, 10))]), "rounds to column 64 of the 64x64 supervision grid"),
+    (dict(points=[((10, 10), (10, 127.2))]), "rounds to row 64 of the 64x64"),
     (dict(points=[((10, 10), (10, 10))]), "equals its target"),
     (dict(points=[]), "no points"),
     (dict(points=[((10, 10),)]), "must be"),
@@ -33,6 +36,13 @@ def test_bad_input_is_a_clear_error(tiny_model, image, kwargs, match):
     args.update(kwargs)
     with pytest.raises(InvalidInputError, match=match):
         fastdrag.edit(args.pop("image"), args.pop("points"), **args)
+
+
+def test_points_at_the_grids_last_cell_are_accepted(tiny_model):
+    """The boundary of the supervision-grid rule: x = 126.9 rounds to column 63 (the last), and is taken as is."""
+    req = fastdrag.pipeline.make_request(smooth_image(), [((126.9, 126.9), (10, 10))])
+    handles, _ = req.feature_points("cpu")
+    assert handles.tolist() == [[63.0, 63.0]]
 
 
 def test_tiny_mask_that_vanishes_at_latent_resolution(tiny_model, image):

@@ -1,6 +1,6 @@
 """The fast path on a CUDA device (issue 7): bf16 + the compiled UNet pass + the Triton kernels. On a GPU machine:
 
-    TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 python -m pytest -q -m gpu tests/test_gpu.py
+    TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 python -m pytest -q tests/test_kernels.py tests/test_gpu.py   # or: bash benchmarks/gpu_session.sh tests
 
 tests/conftest.py defaults TRITON_INTERPRET to 1 so that the CPU suite runs the kernels in Triton's interpreter.
 Under it every Triton kernel (ours, and the ones torch.compile's inductor generates for the UNet pass) would be
