@@ -239,6 +239,11 @@ def build_cases(dtype: torch.dtype):
 # main
 # ----------------------------------------------------------------------------------------------------
 
+def gpu_timing_available() -> bool:
+    """Kernels run compiled on a CUDA device (not in the interpreter), so their timings mean something."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _cpu_notice() -> int:
     print("benchmarks.kernels: no CUDA device. The Triton kernels only run on a GPU (or, for testing, in\n"
           "the TRITON_INTERPRET=1 Python interpreter, whose timings say nothing about the kernels), so\n"
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="target measuring time per timing, ms")
     args = ap.parse_args(argv)
 
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if not gpu_timing_available():
         return _cpu_notice()
     if os.environ.get("FASTDRAG_DISABLE_TRITON") == "1":
         print("FASTDRAG_DISABLE_TRITON=1 is set: the ops would run the reference; unset it to benchmark.")

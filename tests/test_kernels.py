@@ -618,3 +618,45 @@ def test_every_launch_compiles_for_sm90_without_spills(tmp_path):
     assert not bad, bad
     assert all(r["registers"] for r in rows), "ptxas -v gave no register count"
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmarks/kernels.py: its cases and report, run on small sizes (the timings are stubbed: no GPU here)
+# ----------------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernel_benchmark_script_runs_on_small_sizes(monkeypatch, tmp_path, capsys, dtype):
+    """The benchmark checks each kernel against its reference before timing it and writes one JSON row per
+    case. Here it runs end to end on a 6-channel 8x8 map (upsampled to 32x32) under the interpreter, with the
+    timing functions replaced by constants, so that a broken case or report fails before device time is spent."""
+    from benchmarks import kernels as bk
+
+    monkeypatch.setattr(bk, "DEVICE", DEVICE)
+    for name, value in dict(C=6, H=8, W=8, H2=32, W2=32, OUT_SIZE=(32, 32)).items():
+        monkeypatch.setattr(bk, name, value)
+    calls = []
+
+    def fake_bench(fn, rep_ms):
+        fn()  # every timed callable must run
+        calls.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(bk, "_bench", fake_bench)
+    monkeypatch.setattr(bk, "_bench_graph", lambda fn, rep_ms: 0.5)
+    monkeypatch.setattr(bk, "copy_bandwidth_gbps", lambda rep_ms: 1000.0)
+    monkeypatch.setattr(bk, "gpu_timing_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub device")
+    assert bk.main(["--out", str(tmp_path), "--dtype", dtype, "--rep", "1"]) == 0
+    out = capsys.readouterr().out
+    (path,) = tmp_path.glob(f"kernels-stub-device-{dtype}-*.json")
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    ops = {r["op"] for r in rows}
+    assert ops == {"sample_patches", "sample_patches.backward", "patch_l1", "patch_l1.fwd+bwd", "track",
+                   "fuse_gradients"}, ops
+    assert len(rows) == 2 * (2 * 4 + 4) + 2  # N in {1, 10} x (2 radii x 4 patch ops + 2 radii x 2 tracking) + 2
+    assert len(calls) == 2 * len(rows)  # Triton and reference, each timed once per case
+    assert all(r["compulsory_bytes"] > 0 and r["speedup"] == 1.0 for r in rows)
+    assert report["sizes"] == {"C": 6, "map": [8, 8], "out_size": [32, 32]} and report["feat_dtype"] == dtype
+    assert "target >= 3x over the reference (eager): NOT met" in out
