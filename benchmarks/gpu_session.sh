@@ -8,7 +8,7 @@
 #
 #     bash benchmarks/gpu_session.sh tests-kernels  # every kernel test, on CUDA tensors now
 #     bash benchmarks/gpu_session.sh tests-gpu      # the GPU-only tests: capture, compile, no recompiles
-#     bash benchmarks/gpu_session.sh kernels    # benchmarks.kernels -> JSON
+#     bash benchmarks/gpu_session.sh kernels    # benchmarks.kernels --sweep-tiles -> JSON
 #     bash benchmarks/gpu_session.sh latency    # benchmarks.latency --part stages --profile -> JSON (SD-1.5, random)
 #     bash benchmarks/gpu_session.sh waterfall  # benchmarks.latency --part waterfall -> JSON
 #
@@ -49,7 +49,7 @@ for phase in $phases; do
     esac
     case $phase in
         kernels|all)
-            python3 -m benchmarks.kernels --out "$out" 2>&1 | tee "$out/kernels.log" || rc=1 ;;
+            python3 -m benchmarks.kernels --sweep-tiles --out "$out" 2>&1 | tee "$out/kernels.log" || rc=1 ;;
     esac
     case $phase in
         latency|all)

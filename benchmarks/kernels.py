@@ -1,6 +1,6 @@
 """Benchmark of the fastdrag kernels against their plain-PyTorch references at real sizes.
 
-    python -m benchmarks.kernels [--out DIR] [--dtype bf16|fp32] [--rep MS]
+    python -m benchmarks.kernels [--out DIR] [--dtype bf16|fp32] [--rep MS] [--sweep-tiles]
 
 Real sizes: SD-1.5 up-block features C = 640 on a 64x64 map upsampled to 256x256 (DragDiffusion's
 feature resize), N = 1 and 10 handles, patch radius 1 and 4, tracking radius 3 and 12, and a 4x64x64
@@ -20,6 +20,11 @@ The dense gradient of the backward ops is written in full (it is a [C, h, w] ten
 Every case is first checked against the reference (values, or exact equality for tracking); a mismatch
 aborts the run rather than reporting a number for a wrong kernel.
 
+--sweep-tiles also times the patch and tracking ops at other tile sizes (elements per program: the patch
+kernels' _TILE_ELEMS, whose upsampled backward takes half; the tracking pass's _TRACK_TILE_ELEMS, halved on the
+upsampled map), so that the defaults, chosen from compiler output without a GPU (benchmarks/compile_sm90.py),
+can be set from timings.
+
 Results are printed and, on a GPU, written as JSON to --out (default benchmarks/results/). Without a GPU
 the script says so and exits 0: under TRITON_INTERPRET the kernels run in a Python interpreter, so CPU
 timings say nothing about them.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -236,6 +242,49 @@ def build_cases(dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# tile sweep
+# ----------------------------------------------------------------------------------------------------
+
+TILE_SWEEP = {"patch": ("interp", "_TILE_ELEMS", (256, 512, 1024, 2048)),
+              "track": ("track", "_TRACK_TILE_ELEMS", (512, 1024, 2048, 4096))}
+
+
+def _flat(out) -> torch.Tensor:
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return torch.cat([p.detach().float().flatten() for p in parts])
+
+
+def sweep_tiles(cases, rep_ms: int) -> list[dict]:
+    """Time each patch / tracking case's Triton op at every tile size of TILE_SWEEP (the module constant is set
+    for the call and put back). Each row records how far the output moved from the default tile's (channel
+    blocks are summed in another order: rounding for the patches, possibly a near-tie for tracking)."""
+    rows = []
+    for op, case, fn_t, _, _ in cases:
+        if op.startswith("fuse"):
+            continue
+        mod_name, knob, values = TILE_SWEEP["track" if op == "track" else "patch"]
+        mod = importlib.import_module(f"fastdrag.kernels.{mod_name}")
+        default = getattr(mod, knob)
+        base = _flat(fn_t())
+        mine = []
+        for value in values:
+            setattr(mod, knob, value)
+            try:
+                moved = float((_flat(fn_t()) - base).abs().max())
+                t_ms, tg_ms = _bench(fn_t, rep_ms), _bench_graph(fn_t, rep_ms)
+            finally:
+                setattr(mod, knob, default)
+            mine.append(dict(op=op, case=case, knob=knob, value=value, default=value == default, triton_ms=t_ms,
+                             triton_graph_ms=tg_ms, max_abs_diff_vs_default=moved))
+        best = min(mine, key=lambda r: r["triton_graph_ms"] or r["triton_ms"])
+        print(f"{op:<24} {case:<16} " + "  ".join(
+            f"{r['value']:>5}: {r['triton_ms']:.4f}/{r['triton_graph_ms'] or float('nan'):.4f}"
+            + ("*" if r is best else " ") + ("d" if r["default"] else " ") for r in mine))
+        rows += mine
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------
 
@@ -257,6 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for the JSON results (default: benchmarks/results)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="feature map dtype")
     ap.add_argument("--rep", type=int, default=100, help="target measuring time per timing, ms")
+    ap.add_argument("--sweep-tiles", action="store_true", help="also time the patch/tracking ops at other tiles")
     args = ap.parse_args(argv)
 
     if not gpu_timing_available():
@@ -278,7 +328,8 @@ def main(argv=None) -> int:
     print("-" * len(hdr))
 
     rows = []
-    for op, case, fn_t, fn_r, nbytes in build_cases(dtype):
+    cases = list(build_cases(dtype))
+    for op, case, fn_t, fn_r, nbytes in cases:
         t_ms, r_ms = _bench(fn_t, args.rep), _bench(fn_r, args.rep)
         tg_ms, rg_ms = _bench_graph(fn_t, args.rep), _bench_graph(fn_r, args.rep)
         gbps = nbytes / (t_ms * 1e-3) / 1e9
@@ -293,6 +344,10 @@ def main(argv=None) -> int:
 
     below = [f"{r['op']} [{r['case']}]" for r in rows if r["speedup"] < 3]
     print(f"\ntarget >= 3x over the reference (eager): {'met' if not below else 'NOT met for ' + ', '.join(below)}")
+    sweep = None
+    if args.sweep_tiles:
+        print("\ntile sweep, per tile size (elements): eager ms / graph ms; * fastest by graph time, d the default")
+        sweep = sweep_tiles(cases, args.rep)
 
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +359,7 @@ def main(argv=None) -> int:
         python=platform.python_version(), git_commit=_git_commit(), date=now.isoformat(),
         feat_dtype=args.dtype, sizes=dict(C=C, map=[H, W], out_size=[H2, W2]),
         copy_bandwidth_GBps=copy_bw, timing="triton.testing.do_bench median (eager) and "
-        "do_bench_cudagraph median (graph), ms per call", results=rows), indent=2))
+        "do_bench_cudagraph median (graph), ms per call", results=rows, tile_sweep=sweep), indent=2))
     print(f"wrote {path}")
     return 0
 

@@ -644,10 +644,16 @@ def test_kernel_benchmark_script_runs_on_small_sizes(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(bk, "_bench", fake_bench)
     monkeypatch.setattr(bk, "_bench_graph", lambda fn, rep_ms: 0.5)
+    # two tile sizes per knob (the GPU run sweeps four): the logic is the same, the interpreter pays per call
+    monkeypatch.setattr(bk, "TILE_SWEEP", {"patch": ("interp", "_TILE_ELEMS", (512, 2048)),
+                                           "track": ("track", "_TRACK_TILE_ELEMS", (1024, 2048))})
     monkeypatch.setattr(bk, "copy_bandwidth_gbps", lambda rep_ms: 1000.0)
     monkeypatch.setattr(bk, "gpu_timing_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub device")
-    assert bk.main(["--out", str(tmp_path), "--dtype", dtype, "--rep", "1"]) == 0
+    tiles = (interp_mod._TILE_ELEMS, track_mod._TRACK_TILE_ELEMS)
+    sweep_on = dtype == "fp32"  # the sweep's logic does not depend on the dtype; once is enough on the interpreter
+    assert bk.main(["--out", str(tmp_path), "--dtype", dtype, "--rep", "1"] + ["--sweep-tiles"] * sweep_on) == 0
+    assert (interp_mod._TILE_ELEMS, track_mod._TRACK_TILE_ELEMS) == tiles  # put back after the sweep
     out = capsys.readouterr().out
     (path,) = tmp_path.glob(f"kernels-stub-device-{dtype}-*.json")
     report = json.loads(path.read_text())
@@ -656,7 +662,20 @@ def test_kernel_benchmark_script_runs_on_small_sizes(monkeypatch, tmp_path, caps
     assert ops == {"sample_patches", "sample_patches.backward", "patch_l1", "patch_l1.fwd+bwd", "track",
                    "fuse_gradients"}, ops
     assert len(rows) == 2 * (2 * 4 + 4) + 2  # N in {1, 10} x (2 radii x 4 patch ops + 2 radii x 2 tracking) + 2
-    assert len(calls) == 2 * len(rows)  # Triton and reference, each timed once per case
+    sweep = report["tile_sweep"]
+    n_swept = (len(rows) - 2) * sweep_on  # all but the two fusion cases
+    assert len(calls) == 2 * len(rows) + n_swept * 2  # Triton and reference per case, then Triton per tile size
+    if not sweep_on:
+        assert sweep is None
+        return
+    assert len(sweep) == n_swept * 2
+    for knob, values, now in (("_TILE_ELEMS", {512, 2048}, tiles[0]), ("_TRACK_TILE_ELEMS", {1024, 2048}, tiles[1])):
+        mine = [r for r in sweep if r["knob"] == knob]
+        assert {r["value"] for r in mine} == values
+        assert all(r["default"] == (r["value"] == now) for r in mine)
+    assert any(r["default"] for r in sweep)  # 2048, the tracking tile in force, is one of the swept values
+    # other tiles sum the channel blocks in another order: rounding only, on these maps
+    assert max(r["max_abs_diff_vs_default"] for r in sweep if r["op"] != "track") < 1e-3
     assert all(r["compulsory_bytes"] > 0 and r["speedup"] == 1.0 for r in rows)
     assert report["sizes"] == {"C": 6, "map": [8, 8], "out_size": [32, 32]} and report["feat_dtype"] == dtype
     assert "target >= 3x over the reference (eager): NOT met" in out
