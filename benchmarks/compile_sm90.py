@@ -190,7 +190,7 @@ def resource_usage(ptx: str) -> dict:
 def compile_launch(launch: Launch) -> dict:
     row = {"kernel": launch.describe(), "name": launch.name,
            "signature": {k: v for k, v in launch.signature.items() if v != "constexpr"},
-           "constexprs": {k: v for k, v in launch.constexprs.items()}, "options": launch.options}
+           "constexprs": dict(launch.constexprs), "options": launch.options}
     t0 = time.perf_counter()
     try:
         k = triton.compile(ASTSource(launch.fn, launch.signature, launch.constexprs), target=TARGET,

@@ -154,7 +154,7 @@ def run(args) -> dict:
         _save(out, args)
 
     # 2. the waterfall: DragDiffusion drag loop, each layer added, same inputs, same process
-    if not args.no_waterfall and args.part in ("all", "waterfall"):
+    if args.part in ("all", "waterfall"):
         base = None
         for name, layer in WATERFALL:
             if device.type != "cuda" and (layer.get("precision") != "fp32" or layer.get("compile_unet") == "on"):
@@ -214,7 +214,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--part", choices=("all", "stages", "waterfall"), default="all",
                     help="stages: per-method stages, stage graphs and --profile; waterfall: the waterfall only")
-    ap.add_argument("--no-waterfall", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile one DragDiffusion re-drag (kernel table)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")

@@ -69,6 +69,17 @@ class Reporter:
 # Request: validated inputs and their coordinates on the feature grid
 
 
+def sup_grid_size(H: int, W: int) -> tuple[int, int]:
+    """Half-resolution supervision grid (int(H/2), int(W/2)), as official."""
+    return int(0.5 * H), int(0.5 * W)
+
+
+def to_sup_grid(yx: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Image (row, col) [..., 2] -> supervision-grid (row, col): round(y/H*sh), torch.round, as official."""
+    sh, sw = sup_grid_size(H, W)
+    return torch.round(yx / torch.tensor([H, W]) * torch.tensor([sh, sw], dtype=torch.float32))
+
+
 @dataclass
 class Request:
     image: Image.Image  # RGB
@@ -84,8 +95,7 @@ class Request:
     @property
     def sup_size(self) -> tuple[int, int]:
         """Half-resolution supervision grid (int(H/2), int(W/2)), as official."""
-        H, W = self.size
-        return int(0.5 * H), int(0.5 * W)
+        return sup_grid_size(*self.size)
 
     def image_digest(self) -> str:
         h = hashlib.sha1(self.image.tobytes())
@@ -94,10 +104,8 @@ class Request:
 
     def feature_points(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(handles, targets) [N, 2] (row, col) on the supervision grid: round(y/H*sup_h), torch.round."""
-        H, W = self.size
-        sh, sw = self.sup_size
         pts = torch.tensor([[p[1], p[0]] for pair in self.points for p in pair], dtype=torch.float32)
-        pts = torch.round(pts / torch.tensor([H, W]) * torch.tensor([sh, sw], dtype=torch.float32))
+        pts = to_sup_grid(pts, *self.size)
         return pts[0::2].to(device), pts[1::2].to(device)
 
     def to_image_points(self, handles: torch.Tensor) -> list[tuple[float, float]]:
@@ -175,11 +183,10 @@ def _check_point(p, W, H, what):
         raise InvalidInputError(f"{what} {p!r} is not finite")
     if not (0 <= x < W and 0 <= y < H):
         raise InvalidInputError(f"{what} (x={x:g}, y={y:g}) is outside the {W}x{H} image")
-    # The methods put points on the half-resolution grid (int(H/2), int(W/2)) at round(y/H*sh), round(x/W*sw), as
-    # official (Request.feature_points); the last pixel row/column can round to one past the grid's end, which the
-    # official code indexes out of range. Refuse it rather than clamp it.
-    sh, sw = int(0.5 * H), int(0.5 * W)
-    row, col = torch.round(torch.tensor([y, x]) / torch.tensor([H, W]) * torch.tensor([sh, sw], dtype=torch.float32))
+    # The last pixel row/column can round to one past the supervision grid's end (Request.feature_points), which
+    # the official code indexes out of range. Refuse it rather than clamp it.
+    sh, sw = sup_grid_size(H, W)
+    row, col = to_sup_grid(torch.tensor([y, x], dtype=torch.float32), H, W)
     for name, v, n, edge in (("row", row, sh, "bottom"), ("column", col, sw, "right")):
         if v >= n:
             raise InvalidInputError(
