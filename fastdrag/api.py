@@ -66,7 +66,7 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
     def switch(value: str) -> bool:
         return value == "on" or (value == "auto" and fast_gpu)
 
-    dtype = DTYPES[cfg.precision] if cfg.precision != "auto" else (torch.bfloat16 if fast_gpu else model.dtype)
+    dtype = DTYPES[cfg.precision] if cfg.precision != "auto" else (torch.bfloat16 if fast_gpu else model.load_dtype)
     return Execution(backend, dtype, switch(cfg.compile_unet), switch(cfg.cuda_graph),
                      switch(cfg.cuda_graph_stages), switch(cfg.merge_lora))
 
@@ -77,6 +77,9 @@ class Editor:
     pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend."""
 
     def __init__(self, model: DragModel, *, max_cached: int = 4):
+        _check_model(model)
+        if isinstance(max_cached, bool) or not isinstance(max_cached, int) or max_cached < 1:
+            raise ConfigError(f"max_cached must be a positive integer, got {max_cached!r}")
         self.model = model
         self.max_cached = max_cached
         self._prepared: OrderedDict = OrderedDict()
@@ -125,9 +128,10 @@ class Editor:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
         cfg = make_config(method, preset=preset, **overrides)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
+        req.check_drags(cfg.stop_distance)
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
@@ -154,6 +158,13 @@ class Editor:
                           config=cfg, trace=out.trace)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, DragModel):
+        raise ConfigError(f"model must be a DragModel from fastdrag.load_model(...), got {type(model).__name__} "
+                          f"{model!r:.60}" + (f"; use model=fastdrag.load_model({model!r})" if isinstance(model, str)
+                                              else ""))
+
+
 _editors: dict[int, Editor] = {}
 
 
@@ -169,6 +180,7 @@ def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffu
     """
     if model is None:
         model = load_model(DEFAULT_MODEL)
+    _check_model(model)
     editor = _editors.get(id(model))
     if editor is None or editor.model is not model:
         _editors.clear()

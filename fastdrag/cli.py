@@ -96,10 +96,27 @@ def before_after(image, result, points):
     return canvas
 
 
+def _check_out(path: str) -> None:
+    import os
+
+    from PIL import Image
+
+    from .errors import InvalidInputError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidInputError(f"--out {path!r}: folder {folder!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise InvalidInputError(f"--out {path!r}: {ext or 'no extension'} is not an image format PIL writes; use .png "
+                                f"or .jpg")
+
+
 def _run_edit(args, image, points, mask) -> int:
     from . import api
     from .model import load_model
 
+    _check_out(args.out)  # before the edit, not after it
     model = load_model(args.model, device=args.device, vae=args.vae)
     overrides = _overrides(args, exclude=())
     progress = _TqdmProgress()
@@ -116,7 +133,8 @@ def _run_edit(args, image, points, mask) -> int:
         result.image.save(args.out)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     pts = "; ".join(f"({x:.0f}, {y:.0f})" for x, y in result.points)
-    print(f"wrote {args.out}  [{args.method}, {stages}]  final handles: {pts}")
+    label = args.method + (" + optimize_text" if result.config.optimize_text and args.method != "dragtext" else "")
+    print(f"wrote {args.out}  [{label}, {stages}]  final handles: {pts}")
     return 0
 
 

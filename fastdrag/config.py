@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, fields
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -53,18 +56,13 @@ class BaseConfig:
     merge_lora: str = "auto"  # "on" | "off" | "auto": fold the LoRA into the weights after the fit (as cuda_graph)
 
     def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or v is None:
-                continue
-            if isinstance(v, (int, float)) and not math.isfinite(v):
-                raise ConfigError(f"{f.name} must be finite, got {v!r}")
-        if not isinstance(self.lora_steps, int) or isinstance(self.lora_steps, bool) or self.lora_steps < 0:
+        self._check_types()
+        if self.lora_steps < 0:
             raise ConfigError(f"lora_steps must be an integer >= 0 (0 = no LoRA), got {self.lora_steps!r}")
         positive_ints = ["lora_batch_size", "lora_rank", "n_inference_step", "check_every"]
         for name in positive_ints + [n for n in self._positive_ints() if hasattr(self, n)]:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         for name in ["lora_lr", "latent_lr", "text_lr", "stop_distance"]:
             if getattr(self, name) <= 0:
@@ -90,6 +88,50 @@ class BaseConfig:
                 raise ConfigError(f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+        self._check_schedule_steps()
+
+    def _check_types(self) -> None:
+        """Each field against its annotation (int, float, str or bool). A bool is not a number here and a float is not
+        an int; numpy scalars are accepted and stored as Python numbers. Numbers must be finite."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), f.type
+            if kind == "bool":
+                ok = isinstance(v, (bool, np.bool_))
+                if ok:
+                    v = bool(v)
+            elif kind == "int":
+                ok = isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+                if ok:
+                    v = int(v)
+            elif kind == "float":
+                ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                if ok:
+                    v = float(v)
+                    if not math.isfinite(v):
+                        raise ConfigError(f"{f.name} must be finite, got {v!r}")
+            elif kind == "str":
+                ok = isinstance(v, str)
+            else:  # pragma: no cover - a field with another annotation would need its own check
+                raise TypeError(f"{type(self).__name__}.{f.name}: unchecked annotation {kind!r}")
+            if not ok:
+                a = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False"}[kind]
+                raise ConfigError(f"{f.name} must be {a}, got {v!r} ({type(v).__name__})")
+            setattr(self, f.name, v)
+
+    def _check_schedule_steps(self) -> None:
+        """Step indices against the denoising schedule they index, so that none is silently out of range."""
+        if 0 < self._mutual_steps() <= self.start_step:
+            raise ConfigError(f"start_step={self.start_step} is past the last of the {self._mutual_steps()} denoising "
+                              f"steps with mutual self-attention, so it would never be applied; to turn mutual "
+                              f"self-attention off use start_layer=16")
+        if self.n_inference_step > 1000:
+            raise ConfigError(f"n_inference_step must be at most 1000 (the model's training timesteps), got "
+                              f"{self.n_inference_step}")
+
+    def _mutual_steps(self) -> int:
+        """How many denoising steps run with mutual self-attention (start_step counts within them)."""
+        return self.n_actual_inference_step
 
     def _positive_ints(self) -> list[str]:
         return []
@@ -140,6 +182,17 @@ class GoodDragConfig(BaseConfig):
 
     def _positive_ints(self):
         return ["drag_end_step", "track_per_step", "max_drag_per_track", "r1", "r2", "max_track_no_change"]
+
+    def _mutual_steps(self) -> int:  # AlDD spends the first drag_end_step timesteps dragging, without it
+        return self.n_actual_inference_step - self.drag_end_step
+
+    def _check_schedule_steps(self) -> None:
+        if self.drag_end_step > self.n_actual_inference_step:
+            raise ConfigError(f"drag_end_step={self.drag_end_step} is more than the {self.n_actual_inference_step} "
+                              f"denoising timesteps (round(inversion_strength * n_inference_step))")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
+        super()._check_schedule_steps()
 
     def __post_init__(self):
         super().__post_init__()

@@ -66,8 +66,8 @@ def set_lora(unet, weights: dict[str, torch.Tensor] | None) -> None:
             unet.disable_adapters()
         return
     params = _lora_params(unet)
-    if set(params) != set(weights):
-        ensure_adapter(unet, _rank(weights))
+    if set(params) != set(weights) or any(params[n].shape != w.shape for n, w in weights.items()):
+        ensure_adapter(unet, _rank(weights))  # another rank: the parameter names are the same, the shapes are not
         params = _lora_params(unet)
     with torch.no_grad():
         for n, p in params.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
@@ -40,6 +40,12 @@ class DragModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    load_dtype: torch.dtype | None = None  # the weights' dtype as loaded (precision="auto" off the fast GPU path)
+    # the loaded floating-point weights, in host memory, kept from the first cast to a narrower dtype (see `to`)
+    _loaded: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.load_dtype = self.load_dtype or self.dtype
 
     @property
     def resolution(self) -> int:
@@ -74,14 +80,32 @@ class DragModel:
         return len(ids) - 1
 
     def to(self, device=None, dtype=None) -> "DragModel":
+        """Move and/or cast the three networks. Casts do not compound rounding: before the first cast to a dtype that
+        cannot hold the loaded weights exactly (fp32 -> bf16, say), a copy of the loaded floating-point weights is
+        kept in host memory, and every later cast, back to the loaded dtype included, starts from that copy. So an
+        edit in bf16 leaves an fp32 model's next fp32 edit bit-identical to one on a fresh model. Tensors made after
+        the copy (a LoRA adapter, which every edit sets anew) are cast as they are."""
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or self.dtype
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self._modules():
             m.to(device=device)
-            if next(m.parameters()).dtype != dtype:
-                m.to(dtype=dtype)
+        if dtype != self.dtype or any(next(m.parameters()).dtype != dtype for m in self._modules()):
+            if not self._loaded and not _holds_exactly(dtype, self.load_dtype):
+                self._loaded = {t: t.detach().to("cpu", copy=True) for t in self._float_tensors()}
+            for t in self._float_tensors():
+                src = self._loaded.get(t, t.data)
+                t.data = src.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
         return self
+
+    def _modules(self):
+        return (self.unet, self.vae, self.text_encoder)
+
+    def _float_tensors(self):
+        for m in self._modules():
+            for t in (*m.parameters(), *m.buffers()):
+                if t.is_floating_point():
+                    yield t
 
     def save_pretrained(self, path: str) -> None:
         """Write a diffusers SD folder (model_index.json + subfolders) that `load_model(path)` reads back. The base
@@ -98,6 +122,12 @@ class DragModel:
                                        unet=unet, scheduler=self.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(path)
+
+
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of `narrow` is a value of `wide` (fp16 and bf16 are in fp32; neither is in the other)."""
+    return wide == narrow or wide == torch.float64 or (wide == torch.float32 and narrow in (torch.float16,
+                                                                                           torch.bfloat16))
 
 
 def _tiny_tokenizer():
@@ -199,16 +229,45 @@ def _load_vae(vae, device, dtype):
         raise ModelLoadError(f"could not load VAE {vae!r}: {e}") from e
 
 
+_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {str(device)!r} asked for, but this torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def _dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    if dtype not in _DTYPE_NAMES.values():
+        raise ModelLoadError(f"dtype must be one of {list(_DTYPE_NAMES.values())} or their names "
+                             f"{list(_DTYPE_NAMES)}, got {dtype!r}")
+    return dtype
+
+
 def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | None = None, vae=None) -> DragModel:
     """Load an SD-1.x model for drag editing.
 
     name_or_path: "tiny" (offline random tiny SD, for tests and the demo), "sd15-random" (the full SD-1.5
     architecture with random weights, for benchmarks), a local diffusers folder, or a hub id
     (e.g. "runwayml/stable-diffusion-v1-5"). vae: optional replacement AutoencoderKL (id, folder or module),
-    e.g. "stabilityai/sd-vae-ft-mse" as GoodDrag uses. device defaults to CUDA when present; dtype to fp32.
+    e.g. "stabilityai/sd-vae-ft-mse" as GoodDrag uses. device defaults to CUDA when present; dtype (a torch
+    dtype or "fp32" / "bf16" / "fp16" / "fp64", the last for exact tests) to fp32.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or torch.float32
+    device = _device(device)
+    dtype = _dtype(dtype)
     if name_or_path in ("tiny", "sd15-random"):
         unet, vae_m, text_encoder, tokenizer = (build_tiny if name_or_path == "tiny" else build_sd15_random)()
     else:

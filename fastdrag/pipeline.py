@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,7 +34,7 @@ MIN_SIDE = 64
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "lora" | "invert" | "drag" | "denoise" | ...
+    stage: str  # "lora" | "invert" | "reference" (GoodDrag's unedited trajectory) | "drag" | "denoise"
     step: int
     total: int
 
@@ -114,6 +115,20 @@ class Request:
         sh, sw = self.sup_size
         return [(float(c) * W / sw, float(r) * H / sh) for r, c in handles.detach().cpu().tolist()]
 
+    def check_drags(self, stop_distance: float) -> None:
+        """Refuse a pair the methods would never move: one whose handle already lies within stop_distance of its
+        target on the supervision grid (the official loops skip such a pair and count it as reached)."""
+        handles, targets = self.feature_points("cpu")
+        H, W = self.size
+        sh, sw = self.sup_size
+        for i, d in enumerate((targets - handles).norm(dim=1).tolist()):
+            if d < stop_distance:
+                raise InvalidInputError(
+                    f"pair {i} drags {d:g} supervision-grid px (the methods track points on a {sh}x{sw} grid, half "
+                    f"the image's resolution), less than stop_distance={stop_distance:g}: it counts as reached "
+                    f"before it starts and would never move. Drag it farther (at least {stop_distance * W / sw:g} "
+                    f"image px) or lower stop_distance")
+
     def latent_mask(self, latent_hw: tuple[int, int], device) -> torch.Tensor | None:
         """1 = editable, at latent resolution: nearest to the supervision grid, then nearest again (official)."""
         if self.mask is None:
@@ -141,6 +156,15 @@ def load_image(image) -> Image.Image:
         image = Image.fromarray(image)
     elif not isinstance(image, Image.Image):
         raise InvalidInputError(f"image must be a PIL.Image, an HxWx3 uint8 array or a path, got {type(image).__name__}")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise InvalidInputError(f"image has mode {image.mode!r} (16-bit, 32-bit or float samples), which has no faithful "
+                                f"8-bit RGB conversion here; scale it to 8 bits per channel first")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            raise InvalidInputError(f"image (mode {image.mode!r}) has transparent pixels, whose hidden colours an edit "
+                                    f"would use; flatten it onto a background first (e.g. Image.alpha_composite)")
+        image = rgba
     try:
         image = image.convert("RGB")
     except Exception as e:  # noqa: BLE001
@@ -156,7 +180,10 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
     if isinstance(mask, (str, os.PathLike)):
         if not os.path.isfile(mask):
             raise InvalidInputError(f"mask file not found: {mask!s}")
-        mask = Image.open(mask)
+        try:
+            mask = Image.open(mask)
+        except Exception as e:  # noqa: BLE001
+            raise InvalidInputError(f"could not read mask {mask!s}: {e}") from e
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, torch.Tensor):
@@ -212,10 +239,23 @@ def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: in
         if h == t:
             raise InvalidInputError(f"handle {i} equals its target {h}: nothing to drag")
         pairs.append((h, t))
+    grid = to_sup_grid(torch.tensor([[h[1], h[0]] for h, _ in pairs], dtype=torch.float32), H, W)
+    for j in range(len(pairs)):
+        for i in range(j):
+            if torch.equal(grid[i], grid[j]):
+                raise InvalidInputError(
+                    f"handles {i} {pairs[i][0]} and {j} {pairs[j][0]} fall on the same point of the supervision grid "
+                    f"(half the image's resolution), so they are one handle with two targets: merge or move them")
     if not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
     req = Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
     req.latent_mask((H // latent_scale, W // latent_scale), "cpu")  # fail now, not after the LoRA fit
+    if H % latent_scale or W % latent_scale:
+        warnings.warn(
+            f"image is {W}x{H}, not a multiple of {latent_scale}: the VAE covers only the first "
+            f"{W // latent_scale * latent_scale}x{H // latent_scale * latent_scale} px, and the result is that decoded "
+            f"and stretched back to {W}x{H}, as in the official code (up to {latent_scale - 1} px of drift at the far "
+            f"edges). Crop or resize to a multiple of {latent_scale} to avoid it", UserWarning, stacklevel=3)
     return req
 
 
@@ -272,10 +312,12 @@ def invert(model, z0: torch.Tensor, text_emb: torch.Tensor, schedule: Schedule, 
 @torch.no_grad()
 def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool, start_step: int = 0,
                  start_layer: int = 10, schedule: Schedule, reporter: Reporter | None = None,
-                 stage: str = "denoise", graphs: bool = False):
+                 stage: str = "denoise", graphs: bool = False, progress_from: int = 0,
+                 progress_total: int | None = None):
     """Denoise the batch [reference, edited] through `timesteps` (guidance 1). With `mutual`, the edited branch's
     self-attention in blocks >= start_layer reads the reference branch's K/V from step start_step on. With
-    `graphs`, the UNet pass is replayed from CUDA graphs, one per attention mode (before / from start_step)."""
+    `graphs`, the UNet pass is replayed from CUDA graphs, one per attention mode (before / from start_step).
+    Progress counts steps progress_from + 1 ... of progress_total (default: these timesteps alone)."""
     z = torch.cat([z_ref, z_edit])
     c = torch.cat([c_ref, c_edit])
     ctx = mutual_attention(model.unet, start_step, start_layer) if mutual else contextlib.nullcontext()
@@ -291,7 +333,7 @@ def denoise_pair(model, z_ref, z_edit, c_ref, c_edit, timesteps, *, mutual: bool
                 eps = fwd(("denoise", mode), z, torch.full((), t, dtype=torch.long, device=z.device), c)
             z = schedule.step(eps, t, z)
             if reporter is not None:
-                reporter(stage, i + 1, len(timesteps))
+                reporter(stage, progress_from + i + 1, progress_total or len(timesteps))
     return z[:1], z[1:]
 
 
@@ -310,7 +352,8 @@ def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter,
             autocast_dtype=None, graphs: bool = False) -> Prepared:
     """LoRA fit (or reuse from lora_cache), VAE encode and DDIM inversion for one image and prompt."""
     text_emb = model.encode_prompt(req.prompt)
-    lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank)
+    lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank,
+            str(model.dtype))  # the fit runs through the base weights in the model's dtype
     if lora_cache is not None and lkey in lora_cache:
         weights = lora_cache[lkey]
     elif cfg.lora_steps > 0:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import fastdrag
@@ -30,6 +31,12 @@ PTS = [((40, 60), (70, 60))]
     (dict(image=np.zeros((128, 128), np.float32)), "HxWx3 uint8"),
     (dict(image="/no/such/file.png"), "not found"),
     (dict(image=42), "PIL.Image"),
+    # 128 px -> 64-cell grid: a 2 px drag is 1 grid px, under stop_distance = 2, and would never move
+    (dict(points=[((40, 60), (42, 60))]), "pair 0 drags 1 supervision-grid px"),
+    (dict(points=[((40, 60), (40.6, 60))]), "pair 0 drags 0 supervision-grid px"),  # rounds to the same cell
+    (dict(points=[((40, 60), (70, 60)), ((40.4, 60), (40, 90))]), "handles 0 .* and 1 .* fall on the same point"),
+    (dict(image=Image.fromarray(np.full((128, 128), 40000, np.uint16))), "16-bit"),
+    (dict(image=Image.new("RGBA", (128, 128), (10, 200, 30, 128))), "transparent pixels"),
 ])
 def test_bad_input_is_a_clear_error(tiny_model, image, kwargs, match):
     args = dict(image=image, points=PTS, model=tiny_model, **FAST)
@@ -64,10 +71,32 @@ def test_tiny_mask_that_vanishes_at_latent_resolution(tiny_model, image):
     (dict(preset="turbo"), "unknown preset"),
     (dict(backend="cuda-magic"), "backend"),
     (dict(seed=1.5), "seed"),
+    (dict(seed=2 ** 70), "seed"),
+    (dict(seed=-1), "seed"),
+    # each field is checked against its type: no string, None or bool where a number goes, no float for an int
+    (dict(lora_lr="0.01"), "lora_lr must be a number"),
+    (dict(latent_lr=None), "latent_lr must be a number"),
+    (dict(latent_lr=True), "latent_lr must be a number"),
+    (dict(start_layer=2.5), "start_layer must be an integer"),
+    (dict(optimize_text="no"), "optimize_text must be True or False"),
+    # step indices against the schedule: 0.7 * 50 = 35 denoising steps
+    (dict(start_step=35), "start_step=35 is past the last of the 35 denoising steps"),
+    (dict(method="gooddrag", start_step=31), "past the last of the 31 denoising steps"),  # 38 - 7 dragged
+    (dict(method="gooddrag", drag_end_step=39), "drag_end_step=39 is more than the 38 denoising timesteps"),
+    (dict(method="gooddrag", beta=-1.0), "beta must be > 0"),
+    (dict(n_inference_step=5000), "at most 1000"),
+    (dict(model="tiny"), "model must be a DragModel.*load_model\\('tiny'\\)"),
 ])
 def test_bad_options_are_clear_errors(tiny_model, image, kwargs, match):
+    kwargs.setdefault("model", tiny_model)
     with pytest.raises(ConfigError, match=match):
-        fastdrag.edit(image, PTS, model=tiny_model, **kwargs)
+        fastdrag.edit(image, PTS, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    cfg = fastdrag.make_config("dragdiffusion", n_pix_step=np.int64(5), latent_lr=np.float32(0.02), lam=1)
+    assert (type(cfg.n_pix_step), type(cfg.latent_lr), type(cfg.lam)) == (int, float, float)
+    assert (cfg.n_pix_step, cfg.lam) == (5, 1.0)
 
 
 def test_errors_are_value_errors():
@@ -76,10 +105,12 @@ def test_errors_are_value_errors():
 
 
 @pytest.mark.parametrize("hw", [(128, 128), (100, 75)])
-def test_edit_returns_an_image_of_the_input_size(tiny_model, hw):
+def test_edit_returns_an_image_of_the_input_size(tiny_model, hw, recwarn):
     h, w = hw
     img = Image.fromarray(smooth_image(h, w))
     r = fastdrag.edit(img, [((20, 30), (40, 35))], model=tiny_model, prompt="a ball", **FAST)
+    stretch = [w for w in recwarn if "not a multiple of 8" in str(w.message)]
+    assert len(stretch) == (hw == (100, 75))  # 75x100 is stretched back from 72x96, and says so
     assert r.image.size == (w, h) and r.image.mode == "RGB"
     assert len(r.points) == 1 and all(0 <= v <= max(h, w) for v in r.points[0])
     assert set(r.timings) == {"lora", "invert", "drag", "denoise", "decode", "total"}
@@ -100,6 +131,13 @@ def test_same_seed_same_image_and_seed_matters(tiny_model, image):
     c = fastdrag.Editor(tiny_model).edit(image, PTS, seed=4, **FAST)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))  # the LoRA fit draws from the seed
+
+
+def test_opaque_rgba_and_grayscale_images_are_taken(tiny_model, image):
+    rgb = Image.fromarray(image)
+    for other in (rgb.convert("RGBA"), rgb.convert("L")):
+        req = fastdrag.pipeline.make_request(other, PTS)
+        assert req.image.mode == "RGB" and np.array_equal(np.asarray(req.image), np.asarray(other.convert("RGB")))
 
 
 def test_progress_reports_each_stage(tiny_model, image):
@@ -127,8 +165,89 @@ def test_editor_reuses_preparation_and_invalidates_on_change(tiny_model, image, 
     other[0, 0] ^= 1
     ed.edit(other, PTS, **FAST)
     assert len(calls) == 4  # LoRA settings, prompt and pixels are all in the key
-    ed.edit(image, PTS, inversion_strength=0.6, **FAST)
+    r = ed.edit(image, PTS, inversion_strength=0.6, **FAST)
     assert len(calls) == 4  # a new inversion strength re-inverts but reuses the LoRA
+    assert r.timings["invert"] > 0 and next(reversed(ed._prepared.values())).schedule.t_edit == 581  # 30th of 1, 21..
+    r = ed.edit(image, PTS, n_inference_step=25, **FAST)
+    assert r.timings["invert"] > 0 and next(reversed(ed._prepared.values())).schedule.t_edit == 681  # 18th of 1, 41..
+
+
+def test_editor_cache_hits_give_a_fresh_editors_result(tiny_model, image):
+    """Image A, image B, then A again with another mask: the cached A (its LoRA re-activated, the new mask used)
+    gives what a fresh Editor gives."""
+    other = smooth_image(seed=1)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[30:100, 20:110] = 1
+    ed = fastdrag.Editor(tiny_model)
+    ed.edit(image, PTS, **FAST)
+    ed.edit(other, PTS, **FAST)
+    again = ed.edit(image, PTS, mask=mask, **FAST)
+    assert again.timings["lora"] == 0 and again.timings["invert"] == 0
+    fresh = fastdrag.Editor(tiny_model).edit(image, PTS, mask=mask, **FAST)
+    assert np.array_equal(np.asarray(again.image), np.asarray(fresh.image))
+
+
+def test_editor_survives_a_lora_rank_change_and_back(tiny_model, image):
+    """The rank-16 and rank-4 adapters have the same parameter names: a cached rank-16 LoRA must rebuild the
+    rank-4 adapter, not copy into it."""
+    ed = fastdrag.Editor(tiny_model)
+    first = ed.edit(image, PTS, **FAST)
+    ed.edit(image, PTS, lora_rank=4, **FAST)
+    again = ed.edit(image, PTS, **FAST)  # cache hit for rank 16
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+
+
+def test_a_precision_override_does_not_change_later_edits(image):
+    """A bf16 edit casts the model; the next default edit is back in the loaded fp32 with the loaded weights, bit
+    for bit, and equals an edit on a model that never saw bf16."""
+    model = fastdrag.load_model("tiny", device="cpu")
+    ed = fastdrag.Editor(model)
+    ed.edit(image, PTS, precision="bf16", **FAST)
+    assert model.dtype == torch.bfloat16
+    after = ed.edit(image, PTS, **FAST)
+    assert model.dtype == torch.float32
+    fresh = fastdrag.Editor(fastdrag.load_model("tiny", device="cpu")).edit(image, PTS, **FAST)
+    assert np.array_equal(np.asarray(after.image), np.asarray(fresh.image))
+
+
+def test_model_casts_start_from_the_loaded_weights():
+    model = fastdrag.load_model("tiny", device="cpu")
+    loaded = {n: p.clone() for n, p in model.unet.named_parameters()}
+    direct = {n: p.clone() for n, p in fastdrag.load_model("tiny", device="cpu").to(dtype=torch.bfloat16)
+              .unet.named_parameters()}
+    model.to(dtype=torch.float16).to(dtype=torch.bfloat16)  # fp16 -> bf16 alone would round twice
+    assert all(torch.equal(p, direct[n]) for n, p in model.unet.named_parameters())
+    model.to(dtype=torch.float32)
+    assert all(torch.equal(p, loaded[n]) for n, p in model.unet.named_parameters())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="meta"), "device 'meta' is not supported"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(dtype="fp8"), "dtype must be"),
+    (dict(dtype=torch.int8), "dtype must be"),
+])
+def test_bad_load_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(fastdrag.ModelLoadError, match=match):
+        fastdrag.load_model("tiny", **kwargs)
+
+
+def test_gooddrag_progress_counts_every_denoising_step(tiny_model, image):
+    seen = []
+    fastdrag.Editor(tiny_model).edit(image, PTS, method="gooddrag", progress=seen.append, lora_steps=0,
+                                     inversion_strength=0.16, drag_end_step=2, track_per_step=1, max_drag_per_track=1)
+    denoise = [(p.step, p.total) for p in seen if p.stage == "denoise"]
+    assert denoise == [(i, 8) for i in range(1, 9)]  # 2 plain steps inside AlDD, then 6 with mutual attention
+    assert [(p.step, p.total) for p in seen if p.stage == "reference"] == [(1, 2), (2, 2)]
+
+
+def test_cli_checks_the_output_path_before_editing(tmp_path, image, capsys, monkeypatch):
+    src = tmp_path / "in.png"
+    Image.fromarray(image).save(src)
+    monkeypatch.setattr(fastdrag.model, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for out, match in ((tmp_path / "no" / "o.png", "does not exist"), (tmp_path / "o.xyz", "not an image format")):
+        rc = cli.main(["edit", "--model", "tiny", "--image", str(src), "--drag", "40,60:70,60", "--out", str(out)])
+        assert rc == 2 and match in capsys.readouterr().err
 
 
 def test_cli_edit_and_errors(tmp_path, image, capsys, monkeypatch):

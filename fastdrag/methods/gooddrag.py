@@ -64,13 +64,14 @@ def reference_trajectory(ctx: DragContext, handles_init: torch.Tensor, n: int) -
         return ctx.prep.extras[key]
     z, c = ctx.prep.zt, ctx.prep.text_emb
     out = []
-    for t in ctx.prep.schedule.denoise_timesteps[:n]:
+    for i, t in enumerate(ctx.prep.schedule.denoise_timesteps[:n]):
         eps, feat = ctx.unet_features(z, t, c)
         F0, osz = ctx.features(feat)
         z = sched.step(eps, t, z)
         out.append(RefStep(patches=ops.sample_patches(F0, handles_init, cfg.r1, out_size=osz),
                            pixels=ops.sample_patches(F0, handles_init, 0, out_size=osz)[:, :, 0, 0],
                            x_prev=z))
+        ctx.reporter("reference", i + 1, n)  # the unedited trajectory IPMS supervises against
     ctx.prep.extras[key] = out
     return out
 
@@ -156,7 +157,7 @@ def run(ctx: DragContext) -> MethodOutput:
     model, cfg, prep = ctx.model, ctx.cfg, ctx.prep
     sched = prep.schedule
     timesteps = sched.denoise_timesteps
-    n_drag = min(cfg.drag_end_step, len(timesteps))
+    n_drag = cfg.drag_end_step  # <= len(timesteps): the config checks it
     handles, targets = ctx.req.feature_points(ctx.device)
     handles_init = handles.clone()
     mask = ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device)
@@ -181,7 +182,8 @@ def run(ctx: DragContext) -> MethodOutput:
         drag_ts.append(t)
         with ctx.reporter.stage("denoise"):
             z_ref, z = denoise_pair(model, z_ref, z.to(model.dtype), c, c_edit.to(model.dtype), [t], mutual=False,
-                                    schedule=sched, graphs=ctx.graph_stages)
+                                    schedule=sched, graphs=ctx.graph_stages, reporter=ctx.reporter, progress_from=i,
+                                    progress_total=len(timesteps))
         plain_ts.append(t)
         i += 1
     if st.stop_reason is None:
@@ -192,7 +194,8 @@ def run(ctx: DragContext) -> MethodOutput:
     with ctx.reporter.stage("denoise"):
         _, z = denoise_pair(model, z_ref, z, c, c_edit.to(model.dtype), rest, mutual=True,
                             start_step=cfg.start_step, start_layer=cfg.start_layer, schedule=sched,
-                            reporter=ctx.reporter, graphs=ctx.graph_stages)
+                            reporter=ctx.reporter, graphs=ctx.graph_stages, progress_from=i,
+                            progress_total=len(timesteps))
     trace = {
         "drag_timesteps": drag_ts,
         "plain_denoise_timesteps": plain_ts,
