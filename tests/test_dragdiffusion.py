@@ -7,7 +7,7 @@ import torch
 import fastdrag
 from fastdrag.kernels import reference as ref_ops
 from fastdrag.lora import ADAPTER
-from fastdrag.pipeline import decode
+from fastdrag.pipeline import decode, encode
 
 from .conftest import FAST
 
@@ -155,3 +155,96 @@ def test_fast_backend_matches_reference_on_cpu(tiny_model, image, method):
     torch.testing.assert_close(a.trace["ms_loss"], b.trace["ms_loss"], rtol=1e-4, atol=1e-5)
     diff = np.abs(np.asarray(a.image).astype(int) - np.asarray(b.image).astype(int))
     assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def _transformer_blocks_in_execution_order(unet):
+    """SD-1.x's 16 BasicTransformerBlocks as the official controller counts them (spec 1.8): 0-5 down, 6 mid,
+    7-15 up_blocks[1..3]."""
+    parts = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [blk for part in parts for t2d in (getattr(part, "attentions", None) or [])
+            for blk in t2d.transformer_blocks]
+
+
+def _self_attention_outputs(attn, x):
+    """(own, mutual) outputs of a self-attention on the batch x [B, n, C], computed from scratch: every branch on
+    its own K/V, or every branch on branch 0's K/V."""
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    B, n, C = q.shape
+    d = C // attn.heads
+
+    def heads(t):
+        return t.reshape(t.shape[0], -1, attn.heads, d).transpose(1, 2)
+
+    def attend(kk, vv):
+        w = torch.softmax(heads(q) @ heads(kk).transpose(-1, -2) / d ** 0.5, dim=-1)
+        o = (w @ heads(vv)).transpose(1, 2).reshape(B, n, C)
+        return attn.to_out[1](attn.to_out[0](o))
+
+    return attend(k, v), attend(k[:1].expand_as(k), v[:1].expand_as(v))
+
+
+def test_mutual_self_attention_in_the_final_denoising_follows_start_layer_and_start_step(tiny_model, image):
+    """Spec 1.8: while [reference, edited] is denoised, the edited branch's self-attention (attn1) in transformer
+    blocks >= start_layer reads the reference branch's K/V from denoising step start_step on, and its own K/V
+    elsewhere; the reference branch always attends to itself. Every attn1 output is classified by recomputing
+    both candidates from its input."""
+    blocks = _transformer_blocks_in_execution_order(tiny_model.unet)
+    assert len(blocks) == 16
+    seen, step = [], [-1]
+
+    def count_pair_steps(module, args, kwargs):
+        if (args[0] if args else kwargs["sample"]).shape[0] == 2:  # a denoising step of the pair
+            step[0] += 1
+
+    def classify(idx):
+        def hook(attn, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            if x.shape[0] != 2:
+                return
+            with torch.no_grad():
+                own, mutual = _self_attention_outputs(attn, x)
+            torch.testing.assert_close(out[0], own[0], rtol=1e-4, atol=1e-5)  # the reference branch: itself
+            gap = (own[1] - mutual[1]).abs().max()
+            err_own, err_mut = (out[1] - own[1]).abs().max(), (out[1] - mutual[1]).abs().max()
+            assert min(err_own, err_mut) < 1e-5 < 1e-2 * gap, (idx, step[0], err_own, err_mut, gap)
+            seen.append((step[0], idx, bool(err_mut < err_own)))
+        return hook
+
+    hooks = [tiny_model.unet.register_forward_pre_hook(count_pair_steps, with_kwargs=True)]
+    hooks += [b.attn1.register_forward_hook(classify(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    ed = fastdrag.Editor(tiny_model)
+    kw = dict(lora_steps=0, n_pix_step=2, inversion_strength=0.16)  # 8 denoising steps: 141, 121, ..., 1
+    runs = {}
+    try:
+        for start_layer, start_step in [(10, 0), (13, 3)]:  # the defaults, then an override of both
+            seen.clear()
+            step[0] = -1
+            r = ed.edit(image, PTS, start_layer=start_layer, start_step=start_step, **kw)
+            assert r.trace["steps"] == 2
+            runs[(start_layer, start_step)] = {(s, i) for s, i, m in seen if m}
+            assert sorted((s, i) for s, i, _ in seen) == [(s, i) for s in range(8) for i in range(16)]
+    finally:
+        for h in hooks:
+            h.remove()
+    for (start_layer, start_step), mutual in runs.items():
+        assert mutual == {(s, i) for s in range(start_step, 8) for i in range(start_layer, 16)}, \
+            (start_layer, start_step, sorted(mutual))
+    assert runs[(10, 0)] != runs[(13, 3)]
+
+
+def test_ddim_inversion_reaches_t_edit(tiny_model, image):
+    """Spec 1.4: z0 = VAE posterior mean * scaling factor; for t = 1, 21, ..., 681 (the first 35 of the reversed
+    50-step schedule, strength 0.7): eps = UNet(z, t, c), z = inv_step(eps, t, z). The prepared zt is the latent
+    after the step to t = 681 = t_edit."""
+    ed = fastdrag.Editor(tiny_model)
+    r = ed.edit(image, PTS, lora_steps=0, n_pix_step=1)  # the defaults: 50 steps, strength 0.7
+    prep = next(iter(ed._prepared.values()))
+    expected_ts = list(range(1, 682, 20))
+    assert len(expected_ts) == 35 and expected_ts[-1] == 681
+    assert prep.schedule.t_edit == 681 and r.trace["steps"] == 1
+    c = tiny_model.encode_prompt("")
+    z = encode(tiny_model, fastdrag.pipeline.load_image(image))
+    with torch.no_grad():
+        for t in expected_ts:
+            z = prep.schedule.inv_step(tiny_model.unet(z, t, encoder_hidden_states=c).sample, t, z)
+    torch.testing.assert_close(prep.zt, z, rtol=0, atol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from fastdrag.kernels import reference as ref_ops
 from fastdrag.methods import METHODS, _load_all
 from fastdrag.methods import gooddrag as gd
 from fastdrag.model import make_scheduler
+from fastdrag.pipeline import TextLeaf
 from fastdrag.unet import UNetFeatures
 
 from .conftest import smooth_image
@@ -252,6 +254,24 @@ def test_moved_patch_never_overshoots_and_near_points_are_skipped(editor, img, m
         assert torch.allclose(res.trace["ms_loss"][k], 64 * (out[0] + out[2]))  # the 1 px point is skipped
 
 
+def test_redrag_with_another_handle_gets_that_handles_reference_trajectory(tiny_model, img):
+    """The unedited trajectory is cached per prepared image and keyed on the handles: a re-drag on the same Editor
+    with a different handle must not be served the first handle's IPMS patches and tracking pixels, so it gives
+    exactly what a fresh Editor gives."""
+    other = [((64, 40), (64, 88))]  # handle at supervision (row 20, col 32), 24 px below POINTS' handle
+    kw = dict(drag_end_step=2, track_per_step=2, max_drag_per_track=1)
+    ed = fastdrag.Editor(tiny_model)
+    first = edit(ed, img, POINTS, **kw)
+    again = edit(ed, img, other, **kw)
+    fresh = edit(fastdrag.Editor(tiny_model), img, other, **kw)
+    assert first.trace["handles_init"].tolist() == [[32.0, 20.0]]
+    assert again.trace["handles_init"].tolist() == fresh.trace["handles_init"].tolist() == [[20.0, 32.0]]
+    assert again.trace["steps_per_timestep"] == fresh.trace["steps_per_timestep"] == [2, 2]
+    assert torch.equal(again.trace["ms_loss"], fresh.trace["ms_loss"])
+    assert torch.equal(again.trace["handles"], fresh.trace["handles"])
+    assert again.image.tobytes() == fresh.image.tobytes()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stop rules
 
@@ -342,6 +362,34 @@ def test_text_port_off_is_plain_gooddrag_and_text_grads_do_not_leak(editor, img,
     assert torch.equal(text.trace["ms_loss"], plain.trace["ms_loss"])
     assert torch.equal(text.trace["handles"], plain.trace["handles"])
     assert text.image.tobytes() == plain.image.tobytes()
+
+
+def test_text_port_mask_term_never_reaches_c_hat(editor, img, monkeypatch):
+    """Spec dragtext A2 ("The background-mask term is NOT part of L_text. L_text = L_ms + R only") and A5, as
+    for DragText on DragDiffusion (the clean port, docs/deviations.md): with a mask and lam > 0, c_hat's update
+    differentiates that step's IPMS term alone, bit for bit, while the mask term it leaves out is non-zero."""
+    seen, mask_terms = [], []
+    real_update, real_mask_term = TextLeaf.update, gd.mask_term
+
+    def update(self, loss_ms, done=None):
+        seen.append(loss_ms.detach().clone())
+        return real_update(self, loss_ms, done)
+
+    def mask_term(*a, **k):
+        out = real_mask_term(*a, **k)
+        mask_terms.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(TextLeaf, "update", update)
+    monkeypatch.setattr(gd, "mask_term", mask_term)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[20:110, 10:120] = 1
+    res = edit(editor, img, mask=mask, prompt="a cat", lam=0.2, optimize_text=True, drag_end_step=2,
+               track_per_step=2, max_drag_per_track=1)
+    ms = res.trace["ms_loss"]
+    assert res.trace["steps_per_timestep"] == [2, 2] and len(seen) == len(mask_terms) == len(ms) == 4
+    assert min(mask_terms[1:]) > 1e-3  # z moved from the unedited latent: the mask term is live
+    torch.testing.assert_close(torch.stack(seen), ms, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
