@@ -42,3 +42,25 @@ def image():
 
 # small settings that keep a full edit around a few seconds on 2 CPU cores
 FAST = dict(lora_steps=4, n_pix_step=8)
+
+
+def spy_text_updates_and_mask_terms(monkeypatch, method_module):
+    """Record, in a drag loop of `method_module`, the loss each TextLeaf.update differentiates and the value of each
+    mask term. Returns the two lists, filled as the loop runs."""
+    from fastdrag.pipeline import TextLeaf
+
+    seen, mask_terms = [], []
+    real_update, real_mask_term = TextLeaf.update, method_module.mask_term
+
+    def update(self, loss_ms, done=None):
+        seen.append(loss_ms.detach().clone())
+        return real_update(self, loss_ms, done)
+
+    def mask_term(*a, **k):
+        out = real_mask_term(*a, **k)
+        mask_terms.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(TextLeaf, "update", update)
+    monkeypatch.setattr(method_module, "mask_term", mask_term)
+    return seen, mask_terms

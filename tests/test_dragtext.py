@@ -7,9 +7,8 @@ import torch
 import fastdrag
 from fastdrag import cli
 from fastdrag.methods import dragdiffusion as dd
-from fastdrag.pipeline import TextLeaf
 
-from .conftest import FAST
+from .conftest import FAST, spy_text_updates_and_mask_terms
 
 PTS = [((40, 60), (72, 60))]
 PROMPT = "a red disc"
@@ -114,20 +113,7 @@ def test_mask_term_never_reaches_the_text_embedding(tiny_model, image, monkeypat
     code's gradient accumulation lets lambda * mask term reach c_hat anyway, spec A3; this port is the clean one,
     docs/deviations.md.) With a mask and lam > 0, the loss c_hat's update differentiates is the motion-supervision
     term of that step, bit for bit, while the mask term it leaves out is non-zero."""
-    seen, mask_terms = [], []
-    real_update, real_mask_term = TextLeaf.update, dd.mask_term
-
-    def update(self, loss_ms, done=None):
-        seen.append(loss_ms.detach().clone())
-        return real_update(self, loss_ms, done)
-
-    def mask_term(*a, **k):
-        out = real_mask_term(*a, **k)
-        mask_terms.append(float(out.detach()))
-        return out
-
-    monkeypatch.setattr(TextLeaf, "update", update)
-    monkeypatch.setattr(dd, "mask_term", mask_term)
+    seen, mask_terms = spy_text_updates_and_mask_terms(monkeypatch, dd)
     mask = np.zeros((128, 128), np.uint8)
     mask[30:100, 20:110] = 1
     r = fastdrag.Editor(tiny_model).edit(image, PTS, mask=mask, prompt=PROMPT, method="dragtext", lam=0.1,

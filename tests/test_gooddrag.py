@@ -20,10 +20,9 @@ from fastdrag.kernels import reference as ref_ops
 from fastdrag.methods import METHODS, _load_all
 from fastdrag.methods import gooddrag as gd
 from fastdrag.model import make_scheduler
-from fastdrag.pipeline import TextLeaf
 from fastdrag.unet import UNetFeatures
 
-from .conftest import smooth_image
+from .conftest import smooth_image, spy_text_updates_and_mask_terms
 
 DRAG_TS = [741, 721, 701, 681, 661, 641, 621]
 # one pair, 24 supervision px from handle (row 32, col 20) to target (row 32, col 44), far from the border
@@ -368,20 +367,7 @@ def test_text_port_mask_term_never_reaches_c_hat(editor, img, monkeypatch):
     """Spec dragtext A2 ("The background-mask term is NOT part of L_text. L_text = L_ms + R only") and A5, as
     for DragText on DragDiffusion (the clean port, docs/deviations.md): with a mask and lam > 0, c_hat's update
     differentiates that step's IPMS term alone, bit for bit, while the mask term it leaves out is non-zero."""
-    seen, mask_terms = [], []
-    real_update, real_mask_term = TextLeaf.update, gd.mask_term
-
-    def update(self, loss_ms, done=None):
-        seen.append(loss_ms.detach().clone())
-        return real_update(self, loss_ms, done)
-
-    def mask_term(*a, **k):
-        out = real_mask_term(*a, **k)
-        mask_terms.append(float(out.detach()))
-        return out
-
-    monkeypatch.setattr(TextLeaf, "update", update)
-    monkeypatch.setattr(gd, "mask_term", mask_term)
+    seen, mask_terms = spy_text_updates_and_mask_terms(monkeypatch, gd)
     mask = np.zeros((128, 128), np.uint8)
     mask[20:110, 10:120] = 1
     res = edit(editor, img, mask=mask, prompt="a cat", lam=0.2, optimize_text=True, drag_end_step=2,
