@@ -95,7 +95,7 @@ class BaseConfig:
         """Each field against its annotation (int, float, str or bool). A bool is not a number here and a float is not
         an int; numpy scalars are accepted and stored as Python numbers. Numbers must be finite."""
         for f in fields(self):
-            v, kind = getattr(self, f.name), f.type
+            v, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
             if kind == "bool":
                 ok = isinstance(v, (bool, np.bool_))
                 if ok:
