@@ -16,7 +16,7 @@ from .config import BaseConfig, make_config
 from .errors import ConfigError
 from .kernels import reference as reference_ops
 from .methods import METHODS, _load_all
-from .model import DragModel, load_model
+from .model import DTYPES, DragModel, load_model
 from .pipeline import DragContext, Prepared, Progress, Reporter, decode, make_request, prepare
 from .unet import UNetFeatures
 
@@ -31,9 +31,6 @@ class EditResult:
     method: str
     config: BaseConfig
     trace: dict = field(default_factory=dict)  # per-step records: ms_loss, handles, steps, ...
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:

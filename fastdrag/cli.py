@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from importlib import resources
 
 from .config import CONFIGS, PRESETS
-from .errors import FastDragError
+from .errors import FastDragError, InvalidInputError
 
 DEMO_POINTS = [((52, 44), (72, 40)), ((122, 52), (122, 34))]  # tree crown right-up; house roof up
 
@@ -97,11 +98,7 @@ def before_after(image, result, points):
 
 
 def _check_out(path: str) -> None:
-    import os
-
     from PIL import Image
-
-    from .errors import InvalidInputError
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -190,12 +190,12 @@ class GoodDragConfig(BaseConfig):
         if self.drag_end_step > self.n_actual_inference_step:
             raise ConfigError(f"drag_end_step={self.drag_end_step} is more than the {self.n_actual_inference_step} "
                               f"denoising timesteps (round(inversion_strength * n_inference_step))")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
         super()._check_schedule_steps()
 
     def __post_init__(self):
         super().__post_init__()
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
         if self.cuda_graph == "on":
             raise ConfigError("cuda_graph='on' is not available for gooddrag: its loop decides on the host when to "
                               "track, stop and move to the next timestep (the official no-change counter); use "

@@ -229,7 +229,7 @@ def _load_vae(vae, device, dtype):
         raise ModelLoadError(f"could not load VAE {vae!r}: {e}") from e
 
 
-_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}  # by name
 
 
 def _device(device) -> torch.device:
@@ -249,11 +249,11 @@ def _device(device) -> torch.device:
 def _dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype]
-    if dtype not in _DTYPE_NAMES.values():
-        raise ModelLoadError(f"dtype must be one of {list(_DTYPE_NAMES.values())} or their names "
-                             f"{list(_DTYPE_NAMES)}, got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ModelLoadError(f"dtype must be one of {list(DTYPES.values())} or their names "
+                             f"{list(DTYPES)}, got {dtype!r}")
     return dtype
 
 

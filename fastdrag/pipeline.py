@@ -116,9 +116,17 @@ class Request:
         return [(float(c) * W / sw, float(r) * H / sh) for r, c in handles.detach().cpu().tolist()]
 
     def check_drags(self, stop_distance: float) -> None:
-        """Refuse a pair the methods would never move: one whose handle already lies within stop_distance of its
-        target on the supervision grid (the official loops skip such a pair and count it as reached)."""
+        """Refuse, on the supervision grid, two handles on one point (one handle with two targets) and a pair the
+        methods would never move: one whose handle already lies within stop_distance of its target (the official
+        loops skip such a pair and count it as reached)."""
         handles, targets = self.feature_points("cpu")
+        for j in range(len(handles)):
+            for i in range(j):
+                if torch.equal(handles[i], handles[j]):
+                    raise InvalidInputError(
+                        f"handles {i} {self.points[i][0]} and {j} {self.points[j][0]} fall on the same point of the "
+                        f"supervision grid (half the image's resolution), so they are one handle with two targets: "
+                        f"merge or move them")
         H, W = self.size
         sh, sw = self.sup_size
         for i, d in enumerate((targets - handles).norm(dim=1).tolist()):
@@ -239,13 +247,6 @@ def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: in
         if h == t:
             raise InvalidInputError(f"handle {i} equals its target {h}: nothing to drag")
         pairs.append((h, t))
-    grid = to_sup_grid(torch.tensor([[h[1], h[0]] for h, _ in pairs], dtype=torch.float32), H, W)
-    for j in range(len(pairs)):
-        for i in range(j):
-            if torch.equal(grid[i], grid[j]):
-                raise InvalidInputError(
-                    f"handles {i} {pairs[i][0]} and {j} {pairs[j][0]} fall on the same point of the supervision grid "
-                    f"(half the image's resolution), so they are one handle with two targets: merge or move them")
     if not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
     req = Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
