@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelLoadError
+from .model import own_aligned_storage
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 # OpenAI CLIP preprocessing constants (also those of the HF openai/clip-* image processors)
@@ -86,6 +87,7 @@ def load_clip(name_or_path: str = DEFAULT_CLIP, device=None, dtype: torch.dtype 
         return _CACHE[key]
     model, tok = build_tiny_clip() if name_or_path == "tiny" else _load_pretrained(name_or_path)
     model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    own_aligned_storage(model)  # from_pretrained's tensors, if the cast left them where they were loaded
     _CACHE[key] = (model, tok)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -206,8 +206,20 @@ def test_a_precision_override_does_not_change_later_edits(image):
     assert model.dtype == torch.bfloat16
     after = ed.edit(image, PTS, **FAST)
     assert model.dtype == torch.float32
-    fresh = fastdrag.Editor(fastdrag.load_model("tiny", device="cpu")).edit(image, PTS, **FAST)
-    assert np.array_equal(np.asarray(after.image), np.asarray(fresh.image))
+    fresh_model = fastdrag.load_model("tiny", device="cpu")
+    def base(unet):  # the base weights, without the per-image LoRA an Editor leaves behind
+        return {n.replace(".base_layer", ""): p for n, p in unet.state_dict().items() if "lora_" not in n}
+
+    ours, theirs = base(model.unet), base(fresh_model.unet)
+    assert ours.keys() == theirs.keys()
+    for n, p in ours.items():
+        assert torch.equal(p, theirs[n]), n  # the loaded weights back, bit for bit: no compounded bf16 rounding
+    fresh = fastdrag.Editor(fresh_model).edit(image, PTS, **FAST)
+    # Two separately allocated models with equal weights: a CPU may order sums by address (~1e-6 per pass), which
+    # can flip a pixel's rounding by one level; weights left bf16-rounded move this edit by far more.
+    diff = np.abs(np.asarray(after.image, dtype=int) - np.asarray(fresh.image, dtype=int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert np.allclose(after.points, fresh.points, atol=1e-4)
 
 
 def test_model_casts_start_from_the_loaded_weights():

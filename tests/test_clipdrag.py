@@ -105,6 +105,9 @@ def test_clip_loads_from_a_local_folder(tmp_path):
     assert loaded is not model and not any(p.requires_grad for p in loaded.parameters())
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
+    from fastdrag.model import ALIGN  # own, aligned storage: see test_model's round trip
+
+    assert all(t.data_ptr() % ALIGN == 0 for t in (*loaded.parameters(), *loaded.buffers()))
     assert tok2("a red ball").input_ids == tok("a red ball").input_ids
     # the objective built from the folder equals the tiny one
     o1 = clip_mod.ClipObjective.build("tiny", "a red ball", device="cpu", dtype=torch.float32, coef=300.0)
