@@ -9,8 +9,9 @@ The global gradient of a latent z at the drag timestep t:
     x  = clamp(VAE.decode(x0 / scaling) / 2 + 0.5, 0, 1)
     L  = coef * (1 - cos(CLIP_img(normalize(avgpool_224(x))), CLIP_txt(prompt)))
     G_g = dL/dz
-The official code maps x to [0, 1] twice before the CLIP mean/std normalization; we do it once
-(docs/deviations.md, "CLIPDrag").
+The official code maps x to [0, 1] twice before the CLIP mean/std normalization and rounds x0 to fp16 before
+decoding; we map once and decode x0 as computed (docs/deviations.md, "CLIPDrag"). An objective built with
+official=True reproduces both (config quirks="official").
 """
 
 from __future__ import annotations
@@ -114,21 +115,27 @@ class ClipObjective:
     text_embeds: torch.Tensor  # [1, D], L2-normalized, no grad
     coef: float
     size: int  # CLIP input side (224 for ViT-B/16)
+    official: bool = False  # the released code's CLIP input: x0 rounded to fp16, pixels mapped to [0, 1] twice
     _norm: dict = field(default_factory=dict, repr=False, compare=False)  # (device, dtype) -> (mean, std)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, clip_model: str, prompt: str, *, device, dtype, coef: float) -> "ClipObjective":
+    def build(cls, clip_model: str, prompt: str, *, device, dtype, coef: float,
+              official: bool = False) -> "ClipObjective":
         model, tok = load_clip(clip_model, device, dtype)
         max_len = min(int(tok.model_max_length), int(model.config.text_config.max_position_embeddings))
         ids = tok([prompt], truncation=True, max_length=max_len, return_tensors="pt").input_ids.to(device)
         text = _f32(_embeds(model.get_text_features(input_ids=ids)))
         return cls(model=model, text_embeds=F.normalize(text, dim=-1), coef=float(coef),
-                   size=int(model.config.vision_config.image_size))
+                   size=int(model.config.vision_config.image_size), official=official)
 
     def preprocess(self, image01: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> CLIP input: adaptive average pool to size x size, mean/std once."""
         x = F.adaptive_avg_pool2d(image01, (self.size, self.size))
+        if self.official:
+            # Released CLIPDrag, utils/drag_utils.py L218 (HEAD; L212 already clamped to [0, 1]):
+            # `image_aug(pred_image).add(1).div(2)` maps the [0, 1] image to [0.5, 1] before Normalize.
+            x = x.add(1).div(2)
         mean, std = self._mean_std(x)
         return (x - mean) / std
 
@@ -149,11 +156,17 @@ class ClipObjective:
         return self.coef * (1 - cos)
 
 
-def decode_x0(model, schedule, z: torch.Tensor, t: int, c: torch.Tensor) -> torch.Tensor:
-    """Differentiable image in [0, 1] of the DDIM x0-prediction of latent z at timestep t (conditioning c)."""
+def decode_x0(model, schedule, z: torch.Tensor, t: int, c: torch.Tensor, *, x0_fp16: bool = False) -> torch.Tensor:
+    """Differentiable image in [0, 1] of the DDIM x0-prediction of latent z at timestep t (conditioning c).
+    x0_fp16: round x0 to fp16 and scale it in fp16 before decoding, as the released code does."""
     eps = model.unet(z.to(model.dtype), t, encoder_hidden_states=c, return_dict=False)[0]
     x0 = schedule.pred_x0(_f32(eps), t, z)
-    x = model.vae.decode((x0 / model.scaling_factor).to(model.dtype), return_dict=False)[0]
+    if x0_fp16:
+        # Released CLIPDrag, utils/drag_utils.py L209 (HEAD): `pred_image = 1 / 0.18215 * pred_x0.half()`.
+        x0 = (1 / model.scaling_factor) * x0.half()
+    else:
+        x0 = x0 / model.scaling_factor
+    x = model.vae.decode(x0.to(model.dtype), return_dict=False)[0]
     return (_f32(x) / 2 + 0.5).clamp(0, 1)
 
 
@@ -162,7 +175,7 @@ def global_gradient(model, schedule, z: torch.Tensor, t: int, c: torch.Tensor,
     """(G_g = d loss / dz [same shape and dtype as z], loss), from a detached copy of z (spec B4)."""
     with torch.enable_grad():
         zd = z.detach().clone().requires_grad_(True)
-        loss = objective.loss(decode_x0(model, schedule, zd, t, c))
+        loss = objective.loss(decode_x0(model, schedule, zd, t, c, x0_fp16=objective.official))
         (g,) = torch.autograd.grad(loss, zd)
     return g, loss.detach()
 

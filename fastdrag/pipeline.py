@@ -421,11 +421,19 @@ def motion_step(handles: torch.Tensor, targets: torch.Tensor, stop: float, cap: 
 
 
 def mask_term(schedule: Schedule, eps: torch.Tensor, t: int, z: torch.Tensor, x_prev0: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor | float:
+              mask: torch.Tensor | None, *, always: bool = False) -> torch.Tensor | float:
     """sum |(z_{t-1} - z0_{t-1}) * (1 - M)| over the latent (a sum, not a mean, as official), with z_{t-1} the
-    one-step DDIM output of the optimized latent. Zero without a mask ((1 - M) = 0), and then not computed."""
+    one-step DDIM output of the optimized latent. Zero without a mask ((1 - M) = 0), and then not computed.
+
+    always (quirks="official" for GoodDrag and CLIPDrag): without a mask, the term the released code adds for an
+    undrawn mask, i.e. M = 0 and the whole latent held to the unedited one. Official GoodDrag adds the term
+    unconditionally (pipeline.py, cal_motion_supervision_loss, L484-508; the DragText port's GoodDrag/pipeline.py
+    likewise), and so does CLIPDrag's bench loop (drag_diffusion_update_final @29c1a94, `# if using_mask:`
+    commented out above the term, about L650); an undrawn mask reaches them as all zeros."""
     if mask is None:
-        return 0.0
+        if not always:
+            return 0.0
+        return (schedule.step(eps.float(), t, z) - x_prev0).abs().sum()
     return ((schedule.step(eps.float(), t, z) - x_prev0) * (1 - mask)).abs().sum()
 
 
@@ -465,9 +473,23 @@ class TextLeaf:
         self.lam = cfg.text_lam
         self.pad = pad_idx
 
-    def update(self, loss_ms: torch.Tensor, done: torch.Tensor | None = None) -> None:
+    def update(self, loss_ms: torch.Tensor, done: torch.Tensor | None = None, *, latent_grad=None, reg_times=1,
+               z: torch.Tensor | None = None) -> torch.Tensor | None:
         """One Adam step on c_hat from the motion-supervision term of the forward that used it (one extra backward:
-        call after the latent's autograd.grad(..., retain_graph=True))."""
+        call after the latent's autograd.grad(..., retain_graph=True)).
+
+        The released code's gradient flows (quirks="official"; docs/deviations.md, DragText): latent_grad, the
+        latent loss's gradient on c_hat, is added to c_hat's (its backward accumulates into c_hat.grad);
+        reg_times multiplies the regularization (the DragDiffusion port adds it once per active handle); with z,
+        the text loss's gradient on z is returned too (the DragDiffusion port's text backward leaves it in
+        z.grad for the next iteration)."""
         reg = self.lam * (self.c - self.value)[:, :self.pad].abs().sum()
-        (g,) = torch.autograd.grad(loss_ms + reg, self.value)
+        if z is None:
+            (g,) = torch.autograd.grad(loss_ms + reg_times * reg, self.value)
+            g_z = None
+        else:
+            g, g_z = torch.autograd.grad(loss_ms + reg_times * reg, (self.value, z))
+        if latent_grad is not None:
+            g = g + latent_grad
         masked_step(self.opt, self.value, g, done)
+        return g_z

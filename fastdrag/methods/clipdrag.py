@@ -21,8 +21,13 @@ from .dragdiffusion import drag_at_edit_timestep
 
 
 def clip_prompt(ctx: DragContext) -> str:
-    """The text CLIP follows: the edit prompt, else the source prompt (official ui_utils); "" if both are empty."""
+    """The text CLIP follows: the edit prompt, else the source prompt (official ui_utils); "" if both are empty.
+    A whitespace-only edit prompt counts as empty, except with quirks="official"."""
     edit = ctx.cfg.edit_prompt
+    if ctx.cfg.quirks == "official":
+        # Released CLIPDrag, utils/ui_utils.py L220 (HEAD): `drag_prompt if drag_prompt != "" else lora_prompt`,
+        # so " " is a prompt of its own.
+        return edit if edit != "" else ctx.req.prompt
     return edit if edit.strip() else ctx.req.prompt
 
 
@@ -32,15 +37,19 @@ def run(ctx: DragContext) -> MethodOutput:
     prompt = clip_prompt(ctx)
     t, c_src = sched.t_edit, ctx.prep.text_emb
 
-    if not prompt.strip():
-        # Official: no backward runs and the latent never moves (spec B8.1). We drag with G_l alone.
+    official = cfg.quirks == "official"
+    # quirks="official" follows the bench script (drag_diffusion_update_final @29c1a94, about L678-681), which runs
+    # CLIP on whatever prompt it has, "" included; the UI (HEAD drag_utils.py L238: `if args.drag_prompt != ""`)
+    # runs no backward at all for an empty one.
+    if not official and not prompt.strip():
+        # Official UI: no backward runs and the latent never moves (spec B8.1). We drag with G_l alone.
         warnings.warn("clipdrag: the edit prompt and the source prompt are both empty, so CLIP has no text to "
                       "follow; dragging with the local (motion-supervision) gradient alone", UserWarning,
                       stacklevel=3)
         fuse = None
     else:
         objective = ClipObjective.build(cfg.clip_model, prompt, device=ctx.device, dtype=model.dtype,
-                                        coef=cfg.clip_loss_coef)
+                                        coef=cfg.clip_loss_coef, official=official)
 
         def fuse(z: torch.Tensor, g_local: torch.Tensor, records) -> torch.Tensor:
             g_global, loss = global_gradient(model, sched, z, t, c_src, objective)
@@ -54,7 +63,8 @@ def run(ctx: DragContext) -> MethodOutput:
             return ctx.ops.fuse_gradients(g_local, g_global.to(g_local.dtype), cfg.fuse_cof, rule=cfg.fusion)
 
     out = drag_at_edit_timestep(ctx, n_steps=cfg.n_pix_step, r_m=cfg.r_m, r_p=cfg.r_p, ms_reference="initial",
-                                step_cap=cfg.beta, closer_only=True, grad_transform=fuse)
+                                step_cap=cfg.beta, closer_only=True, grad_transform=fuse,
+                                mask_always=official)  # the bench script's mask term, see pipeline.mask_term
     # the loop's trace holds the records per live step: clip_loss, clip_cos, g_local_norm, g_global_norm
     for name in ("clip_loss", "clip_cos", "g_local_norm", "g_global_norm"):
         out.trace.setdefault(name, torch.zeros(0))

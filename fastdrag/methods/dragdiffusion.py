@@ -73,11 +73,11 @@ class LatentLoop:
 
     def __init__(self, ctx: DragContext, *, z_init, t, c, feat0, x_prev0, handles, targets, mask, n_steps: int,
                  r_m: int, r_p: int, ms_reference: str, step_cap, closer_only: bool, ms_weight,
-                 grad_transform, mask_updates: bool, capturable: bool):
+                 grad_transform, mask_updates: bool, capturable: bool, mask_always: bool = False):
         cfg, ops = ctx.cfg, ctx.ops
         self.ctx, self.t, self.c, self.x_prev0, self.targets, self.mask = ctx, t, c, x_prev0, targets, mask
         self.r_m, self.r_p, self.step_cap, self.closer_only = r_m, r_p, step_cap, closer_only
-        self.grad_transform, self.mask_updates = grad_transform, mask_updates
+        self.grad_transform, self.mask_updates, self.mask_always = grad_transform, mask_updates, mask_always
         self.weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
         self.handles_init = handles.clone()
         self.handles = handles.clone()  # updated in place
@@ -89,6 +89,8 @@ class LatentLoop:
         self.opt = torch.optim.Adam([self.z], lr=cfg.latent_lr, capturable=capturable)
         self.text = TextLeaf(c, cfg, ctx.model.pad_idx(ctx.req.prompt), capturable=capturable) \
             if cfg.optimize_text else None
+        # quirks="official": the text backward's gradient on z, which the next iteration's latent step adds
+        self.stale = torch.zeros_like(self.z) if self.text is not None and cfg.quirks == "official" else None
         self.done = torch.zeros((), dtype=torch.bool, device=self.z.device)
         self.rec = StepRecords(n_steps, self.z.device)
         self._Fm = self._eps = self._osz = None
@@ -114,10 +116,19 @@ class LatentLoop:
             ops.sample_patches(Fm.detach(), handles, self.r_m, out_size=osz)
         loss_ms = self.weight * (active * ops.patch_l1(Fm, ref, handles + d, self.r_m, out_size=osz)).sum()
         loss = loss_ms + ctx.cfg.lam * mask_term(ctx.prep.schedule, self._eps, self.t, self.z, self.x_prev0,
-                                                 self.mask)
-        (g,) = torch.autograd.grad(loss, self.z, retain_graph=self.text is not None)  # the latent loss: z only
-        if self.text is not None:
-            self.text.update(loss_ms, done)
+                                                 self.mask, always=self.mask_always)
+        if self.stale is not None:
+            # Released DragText, DragDiffusion/utils/drag_utils.py L174-183: the latent loss's backward also fills
+            # c_hat.grad, which the text step then uses; the text backward (L180) refills z.grad after the latent
+            # optimizer's zero_grad (L178), so the next latent step adds it; and L165-166 add the regularization
+            # inside the per-handle loop, once per active handle.
+            g, g_text = torch.autograd.grad(loss, (self.z, self.text.value), retain_graph=True)
+            g = g + self.stale
+            self.stale.copy_(self.text.update(loss_ms, done, latent_grad=g_text, reg_times=active.sum(), z=self.z))
+        else:
+            (g,) = torch.autograd.grad(loss, self.z, retain_graph=self.text is not None)  # the latent loss: z only
+            if self.text is not None:
+                self.text.update(loss_ms, done)
         if self.grad_transform is not None:
             g = self.grad_transform(self.z, g, self.rec)
         masked_step(self.opt, self.z, g, done)
@@ -136,13 +147,14 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
                     x_prev0: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
                     n_steps: int, r_m: int, r_p: int, ms_reference: str = "current", step_cap: float | None = None,
                     closer_only: bool = False, ms_weight: float | None = None,
-                    grad_transform: Callable | None = None) -> LatentResult:
+                    grad_transform: Callable | None = None, mask_always: bool = False) -> LatentResult:
     """The DragDiffusion latent loop. Per iteration: one UNet forward -> (from iteration 1 on) track handles
     -> stop if every handle is within stop_distance -> loss -> backward -> Adam.
 
     ms_reference: "current" (DragDiffusion: sg(F) at the current handle) or "initial" (GoodDrag/CLIPDrag: F0 at
     the initial handle). step_cap: None for a unit step, else min(cap, dist). grad_transform(z, g, records) -> g
     rewrites the latent gradient before the Adam step (CLIPDrag's fusion); it may records.put(name, tensor).
+    mask_always: add the mask term without a mask too (pipeline.mask_term; CLIPDrag with quirks="official").
 
     The stop flag lives on the device. With check_every = 1 the host reads it every iteration, before the loss,
     exactly where the official loop breaks. With k > 1 the host reads it every k iterations and a finished run
@@ -156,7 +168,7 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
                       targets=targets, mask=mask, n_steps=n_steps, r_m=r_m, r_p=r_p, ms_reference=ms_reference,
                       step_cap=step_cap, closer_only=closer_only, ms_weight=ms_weight,
                       grad_transform=grad_transform, mask_updates=every > 1 or graph_on,
-                      capturable=graph_on and z_init.is_cuda)
+                      capturable=graph_on and z_init.is_cuda, mask_always=mask_always)
     graph = None
     iters = 0
     with graph_warmup(graph_on, z_init.device):

@@ -85,6 +85,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
     """
     cfg, ops, sched, dtype = ctx.cfg, ctx.ops, ctx.prep.schedule, ctx.model.dtype
     stop, r1, r2 = cfg.stop_distance, cfg.r1, cfg.r2
+    official = cfg.quirks == "official"  # the released code's mask term and text gradient (docs/deviations.md)
     weight = float((2 * r1) ** 2)  # official (2 r1)^2, not the (2 r1 + 1)^2 patch size
 
     # fp32 leaves whatever the model's dtype (the official optimizes an fp32 latent under fp16 autocast)
@@ -124,10 +125,17 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
             break
         # IPMS: the unedited F0_t patch at the initial handle vs F1 sampled at h + d (bilinear).
         loss_ms = weight * (active * ops.patch_l1(Fm, ref.patches, handles + d, r1, out_size=osz)).sum()
-        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, ref.x_prev, mask)
-        (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
-        if text is not None:
-            text.update(loss_ms)
+        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, ref.x_prev, mask, always=official)
+        if text is not None and official:
+            # Released DragText, GoodDrag/pipeline.py (gooddrag_step, about L607-611): both grads are zeroed at the
+            # top of the iteration, then the latent loss and the text loss are backpropagated in turn, so c_hat's
+            # step sees the latent loss's gradient too (z's extra gradient is zeroed before it is used).
+            g, g_text = torch.autograd.grad(loss, (z, text.value), retain_graph=True)
+            text.update(loss_ms, latent_grad=g_text)
+        else:
+            (g,) = torch.autograd.grad(loss, z, retain_graph=text is not None)  # the latent loss updates only z
+            if text is not None:
+                text.update(loss_ms)
         masked_step(opt, z, g)
         st.losses.append(loss_ms.detach())
         steps += 1
