@@ -276,3 +276,15 @@ def test_clipdrag_runs_clip_on_any_prompt_and_adds_the_mask_term_in_official_mod
     official = editor.edit(img, PTS, prompt="", edit_prompt=" ", quirks="official", **CD)
     assert official.trace["clip_used"] is True and official.trace["clip_prompt"] == " "
     assert official.trace["clip_loss"].numel() == 3 and always == [True] * 3
+
+
+def test_cli_quirks_flag(tmp_path, img, capsys):
+    from PIL import Image
+
+    from fastdrag import cli
+
+    src = tmp_path / "in.png"
+    Image.fromarray(img).save(src)
+    rc = cli.main(["edit", "--model", "tiny", "--image", str(src), "--drag", "40,60:72,60", "--out",
+                   str(tmp_path / "out.png"), "--quirks", "faithful"])
+    assert rc == 2 and "quirks must be one of ('fixed', 'official')" in capsys.readouterr().err
