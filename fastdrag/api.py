@@ -71,7 +71,11 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
 class Editor:
     """Keeps per-image preparation (LoRA weights, inverted latent, reference features) so that dragging the
     same image again skips it. The cache key covers everything that changes the prepared state: the image
-    pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend."""
+    pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend.
+
+    Safe to call from several threads (a web front end's workers): the calls on one model, through any of its
+    Editors or fastdrag.edit, are serialised on `model.lock`, so each gets what it would get alone. For
+    parallelism use one model per GPU."""
 
     def __init__(self, model: DragModel, *, max_cached: int = 4):
         _check_model(model)
@@ -84,8 +88,9 @@ class Editor:
         self._compiled: dict[int, torch.nn.Module] = {}  # feature_idx -> compiled UNet pass, kept across edits
 
     def clear(self) -> None:
-        self._prepared.clear()
-        self._loras.clear()
+        with self.model.lock:
+            self._prepared.clear()
+            self._loras.clear()
 
     def _unet_pass(self, feature_idx: int) -> torch.nn.Module:
         if feature_idx not in self._compiled:
@@ -129,6 +134,10 @@ class Editor:
             raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
         req.check_drags(cfg.stop_distance)
+        with self.model.lock:  # one edit at a time per model: the weights, LoRA and processors are shared state
+            return self._edit(req, cfg, method, seed, progress)
+
+    def _edit(self, req, cfg: BaseConfig, method: str, seed: int, progress) -> EditResult:
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
@@ -174,14 +183,15 @@ def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffu
     method: "dragdiffusion" | "gooddrag" | "dragtext" | "clipdrag". model: from load_model(); None loads SD-1.5.
     overrides: any field of the method's config (e.g. n_pix_step=40, latent_lr=0.02) and preset="bench"/"ui".
     Repeat calls with the same model reuse the prepared image (LoRA, inversion) where the settings allow.
+    Calls on one model from several threads are serialised (see Editor); use one model per GPU for parallelism.
     """
     if model is None:
         model = load_model(DEFAULT_MODEL)
     _check_model(model)
-    editor = _editors.get(id(model))
-    if editor is None or editor.model is not model:
-        _editors.clear()
-        editor = _editors[id(model)] = Editor(model, max_cached=1)
+    with model.lock:  # the model's default Editor (one prepared image), kept on the model and freed with it
+        editor = model._default_editor
+        if editor is None:
+            editor = model._default_editor = Editor(model, max_cached=1)
     return editor.edit(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
                        **overrides)
 
