@@ -21,8 +21,8 @@ from .methods import METHODS, _load_all
 from .model import DTYPES, DragModel, load_model
 from .lora_io import SIDECAR, LoadedLora, load_lora
 from .lora_io import save_lora as write_lora
-from .pipeline import (DragContext, Prepared, Progress, Reporter, Request, decode, fitted_lora, load_image, make_request,
-                       prepare)
+from .pipeline import (DragContext, Prepared, Progress, Reporter, Request, decode, fitted_lora, load_image,
+                       make_request, prepare)
 from .unet import UNetFeatures
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -170,7 +170,6 @@ class Editor:
         return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
                           config=cfg, trace=out.trace)
 
-
     def save_lora(self, folder, image, *, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
                   progress: Callable[[Progress], None] | None = None, preset: str | None = None,
                   **options) -> str:
@@ -236,7 +235,6 @@ def _check_model(model) -> None:
         raise ConfigError(f"model must be a DragModel from fastdrag.load_model(...), got {type(model).__name__} "
                           f"{model!r:.60}" + (f"; use model=fastdrag.load_model({model!r})" if isinstance(model, str)
                                               else ""))
-
 
 
 def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", model: DragModel | None = None,

@@ -9,6 +9,8 @@ in fastdrag/assets/tiny_tokenizer.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import threading
@@ -57,6 +59,15 @@ class DragModel:
 
     def __post_init__(self):
         self.load_dtype = self.load_dtype or self.dtype
+
+    def __deepcopy__(self, memo) -> "DragModel":
+        """A copy of the networks with a lock of its own (a lock cannot be copied) and no default Editor."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in dataclasses.fields(self):
+            fresh = {"lock": threading.RLock, "_default_editor": lambda: None}.get(f.name)
+            setattr(new, f.name, fresh() if fresh else copy.deepcopy(getattr(self, f.name), memo))
+        return new
 
     @property
     def resolution(self) -> int:
@@ -129,8 +140,6 @@ class DragModel:
             self._save_pretrained(path)
 
     def _save_pretrained(self, path: str) -> None:
-        import copy
-
         from diffusers import StableDiffusionPipeline
 
         unet = self.unet

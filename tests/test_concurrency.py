@@ -62,3 +62,13 @@ def test_two_threads_on_one_editor_get_what_each_gets_alone(tiny_model, alone):
     again = in_threads(lambda i, r: ed.edit(r[0], r[1], prompt=r[2], **TINY))  # both prepared: cache hits
     assert_same(again, alone)
 
+
+
+def test_a_copied_model_has_its_own_lock(tiny_model):
+    import copy
+
+    twin = copy.deepcopy(tiny_model)  # a lock cannot be copied: the copy gets a fresh one
+    assert twin.lock is not tiny_model.lock and twin.unet is not tiny_model.unet
+    with tiny_model.lock:
+        assert twin.lock.acquire(blocking=False)
+        twin.lock.release()
