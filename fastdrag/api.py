@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -13,11 +15,14 @@ from PIL import Image
 from . import kernels as fast_ops
 from .compile import merged_lora
 from .config import BaseConfig, make_config
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInputError
 from .kernels import reference as reference_ops
 from .methods import METHODS, _load_all
 from .model import DTYPES, DragModel, load_model
-from .pipeline import DragContext, Prepared, Progress, Reporter, decode, make_request, prepare
+from .lora_io import SIDECAR, LoadedLora, load_lora
+from .lora_io import save_lora as write_lora
+from .pipeline import (DragContext, Prepared, Progress, Reporter, Request, decode, fitted_lora, load_image,
+                       make_request, prepare)
 from .unet import UNetFeatures
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -71,7 +76,11 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
 class Editor:
     """Keeps per-image preparation (LoRA weights, inverted latent, reference features) so that dragging the
     same image again skips it. The cache key covers everything that changes the prepared state: the image
-    pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend."""
+    pixels, prompt, seed, LoRA settings, schedule and inversion strength, and the backend.
+
+    Safe to call from several threads (a web front end's workers): the calls on one model, through any of its
+    Editors or fastdrag.edit, are serialised on `model.lock`, so each gets what it would get alone. For
+    parallelism use one model per GPU."""
 
     def __init__(self, model: DragModel, *, max_cached: int = 4):
         _check_model(model)
@@ -84,8 +93,9 @@ class Editor:
         self._compiled: dict[int, torch.nn.Module] = {}  # feature_idx -> compiled UNet pass, kept across edits
 
     def clear(self) -> None:
-        self._prepared.clear()
-        self._loras.clear()
+        with self.model.lock:
+            self._prepared.clear()
+            self._loras.clear()
 
     def _unet_pass(self, feature_idx: int) -> torch.nn.Module:
         if feature_idx not in self._compiled:
@@ -94,15 +104,17 @@ class Editor:
             self._compiled[feature_idx] = compile_unet_features(UNetFeatures(self.model.unet, feature_idx))
         return self._compiled[feature_idx]
 
-    def _key(self, req, cfg: BaseConfig, seed: int, ex: Execution) -> tuple:
+    def _key(self, req, cfg: BaseConfig, seed: int, ex: Execution, loaded: LoadedLora | None = None) -> tuple:
         """The prepared image's key. The merge switch is part of it because the reference features cached in the
-        prepared state come from the UNet as the drag loop runs it (merged or not: equal up to rounding)."""
-        return (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size,
-                cfg.lora_rank, cfg.n_inference_step, cfg.inversion_strength, ex.backend, ex.merge_lora,
-                str(self.model.dtype))
+        prepared state come from the UNet as the drag loop runs it (merged or not: equal up to rounding). The LoRA
+        is either fitted (its settings) or read from a file (the sha256 of the file's bytes): the two never meet."""
+        lora = ("file", loaded.digest) if loaded is not None else \
+            ("fit", seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank)
+        return (req.image_digest(), req.prompt, lora, cfg.n_inference_step, cfg.inversion_strength, ex.backend,
+                ex.merge_lora, str(self.model.dtype))
 
-    def _prepare(self, req, cfg, seed, ex, reporter) -> Prepared:
-        key = self._key(req, cfg, seed, ex)
+    def _prepare(self, req, cfg, seed, ex, reporter, loaded: LoadedLora | None = None) -> Prepared:
+        key = self._key(req, cfg, seed, ex, loaded)
         if key in self._prepared:
             self._prepared.move_to_end(key)
             prep = self._prepared[key]
@@ -110,7 +122,8 @@ class Editor:
 
             set_lora(self.model.unet, prep.lora)
             return prep
-        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras, graphs=ex.cuda_graph_stages)
+        prep = prepare(self.model, req, cfg, seed, reporter, lora_cache=self._loras, graphs=ex.cuda_graph_stages,
+                       loaded_lora=loaded.weights if loaded is not None else None)
         self._prepared[key] = prep
         for cache in (self._prepared, self._loras):
             while len(cache) > self.max_cached:
@@ -118,23 +131,26 @@ class Editor:
         return prep
 
     def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
-             progress: Callable[[Progress], None] | None = None, preset: str | None = None,
+             progress: Callable[[Progress], None] | None = None, preset: str | None = None, lora=None,
              **overrides) -> EditResult:
         """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
-        _load_all()
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
-        cfg = make_config(method, preset=preset, **overrides)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        cfg = _make_config(method, preset, overrides)
+        _check_seed(seed)
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
         req.check_drags(cfg.stop_distance)
+        if lora is not None and cfg.lora_steps == 0:
+            raise ConfigError(f"lora={lora!r} and lora_steps=0 (no LoRA) contradict each other; drop one")
+        with self.model.lock:  # one edit at a time per model: the weights, LoRA and processors are shared state
+            return self._edit(req, cfg, method, seed, progress, lora)
+
+    def _edit(self, req, cfg: BaseConfig, method: str, seed: int, progress, lora) -> EditResult:
+        t0 = time.perf_counter()
+        loaded = _load_lora(lora, self.model, cfg, req) if lora is not None else None
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
         reporter = Reporter(progress, self.model.device)
-        t0 = time.perf_counter()
-        prep = self._prepare(req, cfg, seed, ex, reporter)
+        prep = self._prepare(req, cfg, seed, ex, reporter, loaded)
         uf = self._unet_pass(cfg.unet_feature_idx) if ex.compile_unet else UNetFeatures(self.model.unet,
                                                                                        cfg.unet_feature_idx)
         ctx = DragContext(model=self.model, cfg=cfg, req=req, prep=prep,
@@ -154,6 +170,65 @@ class Editor:
         return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
                           config=cfg, trace=out.trace)
 
+    def save_lora(self, folder, image, *, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
+                  progress: Callable[[Progress], None] | None = None, preset: str | None = None,
+                  **options) -> str:
+        """Write the LoRA that an edit of `image` with these settings uses (fitted now, or taken from this Editor's
+        cache) to `folder`: pytorch_lora_weights.safetensors in diffusers' layout (what the official train_lora
+        writes and StableDiffusionPipeline.load_lora_weights reads) and fastdrag_lora.json (rank, steps, lr, batch
+        size, seed, prompt, image digest). `edit(..., lora=folder)` then skips the fit. Returns the weight file's
+        path. The fit shares the cache with edit: saving after an edit (or editing after saving) fits once."""
+        if "lora" in options:
+            raise ConfigError("save_lora fits a LoRA; lora= (a LoRA to load) does not apply")
+        cfg = _make_config(method, preset, options)
+        _check_seed(seed)
+        if cfg.lora_steps == 0:
+            raise ConfigError("lora_steps=0 fits no LoRA: nothing to save")
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(folder, (str, os.PathLike)) or (os.path.exists(folder) and not os.path.isdir(folder)):
+            raise ConfigError(f"save_lora needs a folder path (made if missing), got {folder!r}")
+        req = Request(image=load_image(image), points=[], mask=None, prompt=prompt)
+        with self.model.lock:
+            ex = resolve_execution(cfg, self.model)
+            if self.model.dtype != ex.dtype:
+                self.model.to(dtype=ex.dtype)
+            reporter = Reporter(progress, self.model.device)
+            weights = fitted_lora(self.model, req, cfg, seed, reporter, lora_cache=self._loras,
+                                  graphs=ex.cuda_graph_stages)
+            while len(self._loras) > self.max_cached:
+                self._loras.popitem(last=False)
+            info = dict(rank=cfg.lora_rank, steps=cfg.lora_steps, lr=cfg.lora_lr, batch_size=cfg.lora_batch_size,
+                        seed=seed, prompt=prompt, image_sha1=req.image_digest(), image_size=list(req.image.size),
+                        model=self.model.name, dtype=str(self.model.dtype).removeprefix("torch."))
+            return write_lora(folder, weights, info)
+
+
+def _make_config(method: str, preset, overrides: dict) -> BaseConfig:
+    _load_all()
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    return make_config(method, preset=preset, **overrides)
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def _load_lora(folder, model: DragModel, cfg: BaseConfig, req) -> LoadedLora:
+    """Read a LoRA folder for this edit: its rank must be the config's lora_rank (say lora_rank=N to read another)."""
+    loaded = load_lora(folder, model.unet)
+    if loaded.rank != cfg.lora_rank:
+        raise ConfigError(f"the LoRA in {loaded.path!r} has rank {loaded.rank}, but lora_rank={cfg.lora_rank}; pass "
+                          f"lora_rank={loaded.rank} to use it")
+    info = loaded.info or {}
+    if info.get("image_sha1") not in (None, req.image_digest()):
+        warnings.warn(f"the LoRA in {loaded.path!r} was fitted to another image (its {SIDECAR} names image "
+                      f"{info.get('image_sha1', '')[:12]}..., size {info.get('image_size')}); the edit uses it anyway",
+                      UserWarning, stacklevel=4)
+    return loaded
+
 
 def _check_model(model) -> None:
     if not isinstance(model, DragModel):
@@ -162,28 +237,28 @@ def _check_model(model) -> None:
                                               else ""))
 
 
-_editors: dict[int, Editor] = {}
-
-
 def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", model: DragModel | None = None,
-         seed: int = 42, progress: Callable[[Progress], None] | None = None, **overrides) -> EditResult:
+         seed: int = 42, progress: Callable[[Progress], None] | None = None, lora=None, **overrides) -> EditResult:
     """Run one drag edit.
 
     image: PIL.Image | HxWx3 uint8 ndarray | path. points: [((hx, hy), (tx, ty)), ...] in image pixels (x, y).
     mask: HxW bool/uint8 (1 = may change), a PIL image or a path; None = the whole image may change.
     method: "dragdiffusion" | "gooddrag" | "dragtext" | "clipdrag". model: from load_model(); None loads SD-1.5.
     overrides: any field of the method's config (e.g. n_pix_step=40, latent_lr=0.02) and preset="bench"/"ui".
+    lora: a LoRA folder (Editor.save_lora's, or the official train_lora's, e.g. DragBench's per-sample LoRAs) to use
+    instead of fitting one; its rank must be lora_rank.
     Repeat calls with the same model reuse the prepared image (LoRA, inversion) where the settings allow.
+    Calls on one model from several threads are serialised (see Editor); use one model per GPU for parallelism.
     """
     if model is None:
         model = load_model(DEFAULT_MODEL)
     _check_model(model)
-    editor = _editors.get(id(model))
-    if editor is None or editor.model is not model:
-        _editors.clear()
-        editor = _editors[id(model)] = Editor(model, max_cached=1)
+    with model.lock:  # the model's default Editor (one prepared image), kept on the model and freed with it
+        editor = model._default_editor
+        if editor is None:
+            editor = model._default_editor = Editor(model, max_cached=1)
     return editor.edit(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
-                       **overrides)
+                       lora=lora, **overrides)
 
 
 __all__ = ["edit", "Editor", "EditResult", "Execution", "resolve_backend", "resolve_execution"]

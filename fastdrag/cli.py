@@ -114,12 +114,22 @@ def _run_edit(args, image, points, mask) -> int:
     from .model import load_model
 
     _check_out(args.out)  # before the edit, not after it
+    lora, save_lora = getattr(args, "lora", None), getattr(args, "save_lora", None)
+    if lora is not None and save_lora is not None:
+        raise InvalidInputError("--lora (use a saved LoRA) and --save-lora (save the fitted one) exclude each other")
+    if save_lora is not None and os.path.exists(save_lora) and not os.path.isdir(save_lora):
+        raise InvalidInputError(f"--save-lora {save_lora!r} is a file; it names a folder (made if missing)")
     model = load_model(args.model, device=args.device, vae=args.vae)
     overrides = _overrides(args, exclude=())
     progress = _TqdmProgress()
+    editor = api.Editor(model)
     try:
-        result = api.Editor(model).edit(image, points, mask=mask, prompt=args.prompt, method=args.method,
-                                        seed=args.seed, progress=progress, preset=args.preset, **overrides)
+        result = editor.edit(image, points, mask=mask, prompt=args.prompt, method=args.method, seed=args.seed,
+                             progress=progress, preset=args.preset, lora=lora, **overrides)
+        if save_lora is not None:  # the LoRA the edit fitted, from the Editor's cache
+            saved = editor.save_lora(save_lora, image, prompt=args.prompt, method=args.method, seed=args.seed,
+                                     preset=args.preset, **overrides)
+            print(f"wrote {saved}")
     finally:
         progress.close()
     from .pipeline import load_image
@@ -156,6 +166,12 @@ def main(argv=None) -> int:
     pe.add_argument("--mask", default=None, help="PNG, non-zero = may change")
     pe.add_argument("--out", required=True)
     pe.add_argument("--side-by-side", action="store_true", help="write input-with-arrows | result")
+    pe.add_argument("--save-lora", default=None, metavar="DIR",
+                    help="also write the fitted LoRA to DIR (diffusers' pytorch_lora_weights.safetensors + "
+                         "fastdrag_lora.json)")
+    pe.add_argument("--lora", default=None, metavar="DIR",
+                    help="use the LoRA in DIR instead of fitting one (from --save-lora, or the official train_lora's "
+                         "folder, e.g. DragBench's per-sample LoRAs; .safetensors or .bin)")
     common(pe, "runwayml/stable-diffusion-v1-5")
 
     pd = sub.add_parser("demo", help="a full edit on the built-in tiny model; writes a before/after PNG")

@@ -17,6 +17,7 @@ official=True reproduces both (config quirks="official").
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 2
+_CACHE_LOCK = threading.Lock()  # two models in two threads may ask for the same CLIP at once
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -83,16 +85,17 @@ def load_clip(name_or_path: str = DEFAULT_CLIP, device=None, dtype: torch.dtype 
     name = name_or_path if name_or_path == "tiny" or not os.path.isdir(name_or_path) \
         else os.path.realpath(name_or_path)
     key = (name, str(device), dtype)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    model, tok = build_tiny_clip() if name_or_path == "tiny" else _load_pretrained(name_or_path)
-    model.requires_grad_(False).eval().to(device=device, dtype=dtype)
-    own_aligned_storage(model)  # from_pretrained's tensors, if the cast left them where they were loaded
-    _CACHE[key] = (model, tok)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return model, tok
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        model, tok = build_tiny_clip() if name_or_path == "tiny" else _load_pretrained(name_or_path)
+        model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        own_aligned_storage(model)  # from_pretrained's tensors, if the cast left them where they were loaded
+        _CACHE[key] = (model, tok)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return model, tok
 
 
 def _embeds(out) -> torch.Tensor:

@@ -9,8 +9,11 @@ in fastdrag/assets/tiny_tokenizer.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -32,6 +35,14 @@ def make_scheduler():
 
 @dataclass
 class DragModel:
+    """The networks of one SD-1.x model, on one device.
+
+    Thread safety: every call that reads or changes the weights or the networks' state (an edit, an Editor's
+    preparation and save_lora, `to`, `save_pretrained`; the LoRA adapter, the attention processors and the
+    dtype are per-model state) holds `lock`, a re-entrant lock, for its whole duration. So calls on one model
+    from several threads are serialised, never interleaved: each gets what it would get alone. For parallelism
+    use one model per GPU."""
+
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -43,9 +54,20 @@ class DragModel:
     load_dtype: torch.dtype | None = None  # the weights' dtype as loaded (precision="auto" off the fast GPU path)
     # the loaded floating-point weights, in host memory, kept from the first cast to a narrower dtype (see `to`)
     _loaded: dict = field(default_factory=dict, repr=False, compare=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    _default_editor: object = field(default=None, repr=False, compare=False)  # fastdrag.edit's Editor for this model
 
     def __post_init__(self):
         self.load_dtype = self.load_dtype or self.dtype
+
+    def __deepcopy__(self, memo) -> "DragModel":
+        """A copy of the networks with a lock of its own (a lock cannot be copied) and no default Editor."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for f in dataclasses.fields(self):
+            fresh = {"lock": threading.RLock, "_default_editor": lambda: None}.get(f.name)
+            setattr(new, f.name, fresh() if fresh else copy.deepcopy(getattr(self, f.name), memo))
+        return new
 
     @property
     def resolution(self) -> int:
@@ -85,6 +107,10 @@ class DragModel:
         kept in host memory, and every later cast, back to the loaded dtype included, starts from that copy. So an
         edit in bf16 leaves an fp32 model's next fp32 edit bit-identical to one on a fresh model. Tensors made after
         the copy (a LoRA adapter, which every edit sets anew) are cast as they are."""
+        with self.lock:
+            return self._to(device, dtype)
+
+    def _to(self, device, dtype) -> "DragModel":
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or self.dtype
         for m in self._modules():
@@ -110,8 +136,10 @@ class DragModel:
     def save_pretrained(self, path: str) -> None:
         """Write a diffusers SD folder (model_index.json + subfolders) that `load_model(path)` reads back. The base
         model is written: a per-image LoRA that an Editor left in the UNet is not part of it."""
-        import copy
+        with self.lock:
+            self._save_pretrained(path)
 
+    def _save_pretrained(self, path: str) -> None:
         from diffusers import StableDiffusionPipeline
 
         unet = self.unet

@@ -349,16 +349,17 @@ def decode(model, z: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
-            autocast_dtype=None, graphs: bool = False) -> Prepared:
-    """LoRA fit (or reuse from lora_cache), VAE encode and DDIM inversion for one image and prompt."""
-    text_emb = model.encode_prompt(req.prompt)
+def fitted_lora(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
+                autocast_dtype=None, graphs: bool = False, text_emb: torch.Tensor | None = None) -> dict | None:
+    """The LoRA fitted to this image and prompt with these settings (None with lora_steps=0): from lora_cache, or
+    fitted (and left active in the UNet) and put there. text_emb: the prompt's embedding, if already computed."""
     lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank,
             str(model.dtype))  # the fit runs through the base weights in the model's dtype
     if lora_cache is not None and lkey in lora_cache:
         weights = lora_cache[lkey]
     elif cfg.lora_steps > 0:
         with reporter.stage("lora"):
+            text_emb = model.encode_prompt(req.prompt) if text_emb is None else text_emb
             weights = lora_mod.fit_lora(model, req.image, text_emb, steps=cfg.lora_steps, lr=cfg.lora_lr,
                                         batch_size=cfg.lora_batch_size, rank=cfg.lora_rank, seed=seed,
                                         autocast_dtype=autocast_dtype, progress=reporter, graphs=graphs)
@@ -366,6 +367,19 @@ def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter,
         weights = None
     if lora_cache is not None:
         lora_cache[lkey] = weights
+    return weights
+
+
+def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
+            autocast_dtype=None, graphs: bool = False, loaded_lora: dict | None = None) -> Prepared:
+    """LoRA fit (or reuse from lora_cache; or `loaded_lora`, weights read from a file, instead of either), VAE
+    encode and DDIM inversion for one image and prompt."""
+    text_emb = model.encode_prompt(req.prompt)
+    if loaded_lora is not None:
+        weights = loaded_lora
+    else:
+        weights = fitted_lora(model, req, cfg, seed, reporter, lora_cache=lora_cache, autocast_dtype=autocast_dtype,
+                              graphs=graphs, text_emb=text_emb)
     lora_mod.set_lora(model.unet, weights)
     schedule = Schedule.make(model.scheduler, cfg.n_inference_step, cfg.inversion_strength)
     with reporter.stage("invert"):
