@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -14,6 +16,7 @@ from . import kernels as fast_ops
 from .compile import merged_lora
 from .config import BaseConfig, make_config
 from .errors import ConfigError
+from .inputs import check_prompt_tokens, check_radii, warn_user
 from .kernels import reference as reference_ops
 from .methods import METHODS, _load_all
 from .model import DTYPES, DragModel, load_model
@@ -59,6 +62,12 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
     for name in ("cuda_graph", "cuda_graph_stages"):
         if getattr(cfg, name) == "on" and not cuda:
             raise ConfigError(f"{name}='on' needs a model on a CUDA device; this one is on {model.device}")
+    if cfg.compile_unet == "on" and not cuda:
+        # Warned, not refused: the compiled pass is exact and works on the CPU (the tests check it there), but its
+        # first compile takes minutes per image size for a 1.3-1.8x gain; asked for explicitly, it should not surprise.
+        warn_user(f"compile_unet='on' on {model.device}: torch.compile of the UNet pass takes minutes on a CPU (again "
+                  f"for every new image size) and gains 1.3-1.8x at best; 'auto' (off on the CPU) is faster here",
+                  RuntimeWarning)
 
     def switch(value: str) -> bool:
         return value == "on" or (value == "auto" and fast_gpu)
@@ -125,10 +134,16 @@ class Editor:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
         cfg = make_config(method, preset=preset, **overrides)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        if (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)
+                or not 0 <= seed < 2 ** 63):
             raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        seed = int(seed)  # numpy integers too, as the options take them
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
         req.check_drags(cfg.stop_distance)
+        check_radii(cfg, req.size, req.sup_size)
+        check_prompt_tokens(self.model.tokenizer, req.prompt)
+        if getattr(cfg, "edit_prompt", ""):
+            check_prompt_tokens(self.model.tokenizer, cfg.edit_prompt, "edit_prompt")
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
