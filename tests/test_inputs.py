@@ -1,5 +1,5 @@
 """Input checks with no holes and messages that say what is wrong (issue 18, item 8). Everything here is refused or
-warned before the first UNet pass; where an edit is called, a later check (cuda_graph='on' on the CPU) stops it
+warned before the first UNet pass; where an edit is called, a later check (cuda_graph_stages='on' on the CPU) stops it
 right after the checks under test, so no test runs an edit."""
 
 import builtins
@@ -18,14 +18,14 @@ from fastdrag.pipeline import make_request
 from .conftest import smooth_image
 
 PTS = [((40, 60), (60, 60))]
-STOP = dict(cuda_graph="on")  # refused on a CPU model after the input checks: ends the call before any work
+STOP = dict(cuda_graph_stages="on")  # refused on a CPU model after the input checks: ends the call before any work
 
 
 def _stopped_edit(call, *args, **kw):
-    """Run an edit that the cuda_graph check stops; return the warnings recorded on the way."""
+    """Run an edit that the cuda_graph_stages check stops; return the warnings recorded on the way."""
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with pytest.raises(ConfigError, match="cuda_graph='on' needs a model on a CUDA device"):
+        with pytest.raises(ConfigError, match="cuda_graph_stages='on' needs a model on a CUDA device"):
             call(*args, **kw, **STOP)
     return rec
 
@@ -177,7 +177,7 @@ def test_a_truncated_image_file_is_a_clear_error_and_leaves_no_file_open(tmp_pat
 def test_numpy_integer_seeds_are_taken_and_bool_seeds_refused(tiny_model, image):
     ed = fastdrag.Editor(tiny_model)
     for seed in (np.int64(42), np.int32(7), np.uint8(3)):
-        _stopped_edit(ed.edit, image, PTS, seed=seed)  # past the seed check, stopped by the cuda_graph one
+        _stopped_edit(ed.edit, image, PTS, seed=seed)  # past the seed check, stopped by the cuda_graph_stages one
     for seed in (True, np.bool_(False), 4.0, -1):
         with pytest.raises(ConfigError, match="seed must be an int"):
             ed.edit(image, PTS, seed=seed)
@@ -204,9 +204,8 @@ def test_a_prompt_over_77_tokens_is_warned_with_its_count(tiny_model, image):
 def test_radii_larger_than_the_feature_map_are_refused(tiny_model, image, method, name, limit):
     ed = fastdrag.Editor(tiny_model)
     with pytest.raises(ConfigError, match=rf"{name}=1000 .* 64x64 feature map .* {name} can be at most {limit} here"):
-        ed.edit(image, PTS, method=method, **{name: 1000}, **({} if method == "gooddrag" else STOP))
-    if method != "gooddrag":  # gooddrag refuses cuda_graph='on' in its config; the limit itself passes above
-        _stopped_edit(ed.edit, image, PTS, method=method, **{name: limit})
+        ed.edit(image, PTS, method=method, **{name: 1000}, **STOP)
+    _stopped_edit(ed.edit, image, PTS, method=method, **{name: limit})  # the limit itself passes
 
 
 def test_compile_unet_on_the_cpu_is_warned_at_the_callers_line(tiny_model):
