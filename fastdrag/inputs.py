@@ -60,8 +60,8 @@ def pairs_from_flat(points) -> list[tuple[tuple, tuple]]:
         raise InvalidInputError(f"pairs_from_flat: point {bad[0]} must be an [x, y] pair of numbers, got "
                                 f"{points[bad[0]]!r}")
     if len(points) % 2:
-        raise InvalidInputError(f"pairs_from_flat: {len(points)} points is an odd count; handles and targets alternate, "
-                                f"so the last handle has no target")
+        raise InvalidInputError(f"pairs_from_flat: {len(points)} points is an odd count; handles and targets "
+                                f"alternate, so the last handle has no target")
     xy = [tuple(p) for p in points]
     return list(zip(xy[0::2], xy[1::2]))
 
@@ -79,9 +79,10 @@ def _parse_drag_string(s: str):
         return None
 
 
-def check_points_shape(points) -> None:
-    """Refuse, with the expected form in the message, the shapes `points` is often given in by mistake: a string (the
-    CLI's 'hx,hy:tx,ty'), strings as pairs, and the flat alternating list of official datasets."""
+def points_list(points) -> list:
+    """`points` as a list (a generator is read once), after refusing, with the expected form in the message, the
+    shapes it is often given in by mistake: a string (the CLI's 'hx,hy:tx,ty'), strings as pairs, and the flat
+    alternating list of the official datasets."""
     expected = "a list of ((hx, hy), (tx, ty)) pairs in image pixels, e.g. points=[((40, 60), (60, 60))]"
     if isinstance(points, (str, bytes)):
         parsed = _parse_drag_string(points) if isinstance(points, str) else None
@@ -104,6 +105,7 @@ def check_points_shape(points) -> None:
                 f"target)")
         raise InvalidInputError(f"points is a flat list of {len(items)} (x, y) points (handles and targets "
                                 f"alternating, as in GoodDrag's points.json), not pairs: {hint}")
+    return items
 
 
 def check_prompt_tokens(tokenizer, prompt: str, what: str = "prompt") -> None:
@@ -136,4 +138,4 @@ def check_radii(cfg, size_hw: tuple[int, int], sup_hw: tuple[int, int]) -> None:
                               f"map (half the image's resolution), so {name} can be at most {limit} here")
 
 
-__all__ = ["pairs_from_flat", "warn_user", "check_points_shape", "check_prompt_tokens", "check_radii", "is_number"]
+__all__ = ["pairs_from_flat", "warn_user", "points_list", "check_prompt_tokens", "check_radii", "is_number"]

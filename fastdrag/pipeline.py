@@ -22,7 +22,7 @@ from .compile import GraphedCall, graph_warmup
 from .config import BaseConfig
 from .ddim import Schedule
 from .errors import InvalidInputError
-from .inputs import check_points_shape, is_number, warn_user
+from .inputs import is_number, points_list, warn_user
 from .unet import UNetFeatures
 
 MIN_SIDE = 64
@@ -260,9 +260,9 @@ def _check_point(p, W, H, what):
 def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: int = 8) -> Request:
     img = load_image(image)
     W, H = img.size
-    if points is None or (hasattr(points, "__len__") and len(points) == 0):
+    points = points_list([] if points is None else points)
+    if not points:
         raise InvalidInputError("no points: pass at least one ((hx, hy), (tx, ty)) handle/target pair")
-    check_points_shape(points)
     pairs = []
     for i, pair in enumerate(points):
         try:
