@@ -424,6 +424,8 @@ def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | 
     name_or_path = _source(name_or_path)
     device = _device(device)
     dtype = _dtype(dtype)
+    if vae is not None and not isinstance(vae, torch.nn.Module):  # before the UNet loads, not after
+        _check_location(_source(vae, "vae"), "VAE", "config.json")
     if name_or_path in ("tiny", "sd15-random"):
         unet, vae_m, text_encoder, tokenizer = (build_tiny if name_or_path == "tiny" else build_sd15_random)()
     else:

@@ -278,3 +278,15 @@ def test_an_uncached_hub_id_without_network_says_unreachable(monkeypatch):
     with pytest.raises(ModelLoadError, match=r"not a local folder, the hub is unreachable \(no network\?\) and it is "
                                              r"not in the cache"):
         fastdrag.load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_a_replacement_vae_that_cannot_load_says_why(damaged, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"VAE 'no-such-org/no-vae' is not a local folder .* offline .* not in "
+                                             r"the cache"):
+        fastdrag.load_model(str(damaged), device="cpu", vae="no-such-org/no-vae")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ModelLoadError, match=r"VAE folder .* missing vae/config.json, vae/ weights"):
+        fastdrag.load_model(str(damaged), device="cpu", vae=str(tmp_path / "vae"))
+    m = fastdrag.load_model(str(damaged), device="cpu", vae=str(damaged / "vae"))  # a good folder loads
+    assert m.vae.config.latent_channels == 4
