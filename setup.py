@@ -7,8 +7,8 @@ setup(
     version="0.1.0",
     description="A lean, fast engine for point-based (drag) image editing on Stable Diffusion 1.5",
     python_requires=">=3.10",
-    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.assets"],
-    package_dir={"fastdrag.kernels": "kernels"},
+    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.benchmarks", "fastdrag.assets"],
+    package_dir={"fastdrag.kernels": "kernels", "fastdrag.benchmarks": "benchmarks"},  # `fastdrag bench` runs them
     package_data={"fastdrag.assets": ["*.png", "tiny_tokenizer/*"]},
     install_requires=[
         "torch>=2.4,<3",  # 2.13.0 here (CPU wheel), 2.11 on the GPU image

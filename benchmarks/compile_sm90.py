@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         print(f"{'FAIL' if issues else 'ok  '}  {row['kernel']:<78} {stats}  {'; '.join(issues)}")
     print(f"{len(rows)} launches, {bad} with problems")
     if args.json:
-        from benchmarks.kernels import _git_commit
+        from .kernels import _git_commit
 
         meta = {"what": "static compile report: nothing was run, no GPU was used",
                 "target": f"cuda sm_{TARGET.arch} ({PTXAS_ARCH})", "triton": triton.__version__,

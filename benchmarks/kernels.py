@@ -301,14 +301,21 @@ def _cpu_notice() -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This benchmark's options (also `fastdrag bench kernels`)."""
     ap.add_argument("--out", default=None, help="directory for the JSON results (default: benchmarks/results)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="feature map dtype")
     ap.add_argument("--rep", type=int, default=100, help="target measuring time per timing, ms")
     ap.add_argument("--sweep-tiles", action="store_true", help="also time the patch/tracking ops at other tiles")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv=None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv)
+    return run_main(args)
+
+
+def run_main(args: argparse.Namespace) -> int:
     if not gpu_timing_available():
         return _cpu_notice()
     if os.environ.get("FASTDRAG_DISABLE_TRITON") == "1":

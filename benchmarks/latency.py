@@ -203,8 +203,8 @@ def _triton_version():
     return _version("triton")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """This benchmark's options (also `fastdrag bench latency`)."""
     ap.add_argument("--model", default="sd15-random", help='"sd15-random" (default), "tiny", or a diffusers folder')
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=80, help="drag steps per edit (fixed: early stop disabled)")
@@ -218,7 +218,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--smoke", action="store_true", help="allow running on CPU (numbers are not meaningful)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv)
+    return run_main(args)
+
+
+def run_main(args: argparse.Namespace) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     if not torch.cuda.is_available() and not args.smoke:
         print("benchmarks.latency: no CUDA device. GPU timings need a GPU; use --smoke to check the script on CPU.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import warnings
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -16,6 +18,7 @@ from . import kernels as fast_ops
 from .compile import merged_lora
 from .config import BaseConfig, make_config
 from .errors import ConfigError, InvalidInputError
+from .inputs import check_prompt_tokens, check_radii, warn_user
 from .kernels import reference as reference_ops
 from .methods import METHODS, _load_all
 from .model import DTYPES, DragModel, load_model
@@ -64,6 +67,12 @@ def resolve_execution(cfg: BaseConfig, model: DragModel) -> Execution:
     for name in ("cuda_graph", "cuda_graph_stages"):
         if getattr(cfg, name) == "on" and not cuda:
             raise ConfigError(f"{name}='on' needs a model on a CUDA device; this one is on {model.device}")
+    if cfg.compile_unet == "on" and not cuda:
+        # Warned, not refused: the compiled pass is exact and works on the CPU (the tests check it there), but its
+        # first compile takes minutes per image size for a 1.3-1.8x gain; asked for explicitly, it should not surprise.
+        warn_user(f"compile_unet='on' on {model.device}: torch.compile of the UNet pass takes minutes on a CPU (again "
+                  f"for every new image size) and gains 1.3-1.8x at best; 'auto' (off on the CPU) is faster here",
+                  RuntimeWarning)
 
     def switch(value: str) -> bool:
         return value == "on" or (value == "auto" and fast_gpu)
@@ -135,9 +144,13 @@ class Editor:
              **overrides) -> EditResult:
         """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
         cfg = _make_config(method, preset, overrides)
-        _check_seed(seed)
+        seed = _check_seed(seed)
         req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
         req.check_drags(cfg.stop_distance)
+        check_radii(cfg, req.size, req.sup_size)
+        check_prompt_tokens(self.model.tokenizer, req.prompt)
+        if getattr(cfg, "edit_prompt", ""):
+            check_prompt_tokens(self.model.tokenizer, cfg.edit_prompt, "edit_prompt")
         if lora is not None and cfg.lora_steps == 0:
             raise ConfigError(f"lora={lora!r} and lora_steps=0 (no LoRA) contradict each other; drop one")
         with self.model.lock:  # one edit at a time per model: the weights, LoRA and processors are shared state
@@ -181,7 +194,7 @@ class Editor:
         if "lora" in options:
             raise ConfigError("save_lora fits a LoRA; lora= (a LoRA to load) does not apply")
         cfg = _make_config(method, preset, options)
-        _check_seed(seed)
+        seed = _check_seed(seed)
         if cfg.lora_steps == 0:
             raise ConfigError("lora_steps=0 fits no LoRA: nothing to save")
         if not isinstance(prompt, str):
@@ -211,9 +224,11 @@ def _make_config(method: str, preset, overrides: dict) -> BaseConfig:
     return make_config(method, preset=preset, **overrides)
 
 
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+def _check_seed(seed) -> int:
+    if (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed < 2 ** 63):
         raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)  # numpy integers too, as the options take them
 
 
 def _load_lora(folder, model: DragModel, cfg: BaseConfig, req) -> LoadedLora:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from importlib import resources
@@ -214,27 +215,79 @@ def build_sd15_random(seed: int = 0) -> tuple:
     return unet, vae, text_encoder, tokenizer
 
 
-def _check_sd1_folder(path: str) -> None:
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")  # what a drag edit needs from an SD folder
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _read_json(path: str, where: str):
+    """A JSON file of a model folder; a corrupt one is a ModelLoadError that names the file and the parse error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{where!r}: {os.path.relpath(path, where)} is not valid JSON ({e}); the file is corrupt "
+                             f"or truncated: restore it from the original model") from None
+
+
+def _missing_files(path: str, component: str) -> list[str]:
+    """What `component`'s subfolder lacks for loading, as paths relative to the model folder."""
+    sub = os.path.join(path, component)
+    if not os.path.isdir(sub):
+        return [f"{component}/"]
+    names = set(os.listdir(sub))
+    if component == "tokenizer":  # a CLIP tokenizer loads from tokenizer.json or from vocab.json + merges.txt
+        if "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names:
+            return []
+        return [f"tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)"]
+    missing = [] if "config.json" in names else [f"{component}/config.json"]
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        missing.append(f"{component}/ weights (*.safetensors or *.bin)")
+    return missing
+
+
+def _check_sd1_folder(path: str, components=COMPONENTS) -> None:
+    """Everything that can be told from the files before loading: model_index.json, the component subfolders and their
+    files, every JSON file parsing, an SD-1.x UNet, an epsilon-prediction scheduler."""
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         raise ModelLoadError(f"{path!r} is not a diffusers model folder: model_index.json is missing")
-    with open(index) as f:
-        spec = json.load(f)
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in spec]
+    spec = _read_json(index, path)
+    if not isinstance(spec, dict):
+        raise ModelLoadError(f"{path!r}: model_index.json holds a {type(spec).__name__}, not a JSON object")
+    missing = [c for c in COMPONENTS if c not in spec]
     if missing:
         raise ModelLoadError(f"{path!r} is not a Stable Diffusion model folder: model_index.json lacks {missing}")
-    cfg_path = os.path.join(path, "unet", "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ModelLoadError(f"{path!r}: unet/config.json is missing")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    _check_sd1_unet_config(cfg, path)
+    missing = [m for c in components for m in _missing_files(path, c)]
+    if missing:
+        raise ModelLoadError(f"{path!r} is not a complete Stable Diffusion model folder: missing {', '.join(missing)}")
+    for c in (*components, "scheduler"):
+        sub = os.path.join(path, c)
+        for name in sorted(os.listdir(sub)) if os.path.isdir(sub) else ():
+            if name.endswith(".json"):
+                _read_json(os.path.join(sub, name), path)
+    _check_sd1_unet_config(_read_json(os.path.join(path, "unet", "config.json"), path), path)
     sched_cfg = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched_cfg):
-        with open(sched_cfg) as f:
-            pred = json.load(f).get("prediction_type", "epsilon")
+        pred = _read_json(sched_cfg, path).get("prediction_type", "epsilon")
         if pred != "epsilon":
             raise ModelLoadError(f"{path!r} is a {pred}-prediction model; the drag methods need epsilon (SD-1.x)")
+
+
+def _check_tokenizer(tokenizer, text_encoder, where: str) -> None:
+    """A tokenizer that loaded but cannot feed the text encoder (no vocabulary, no length limit, ids past the
+    embedding table) would fail deep inside transformers at the first edit: refuse it at load."""
+    n_pos = int(text_encoder.config.max_position_embeddings)
+    n_vocab = int(text_encoder.config.vocab_size)
+    if len(tokenizer) < 3 or tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{where!r}: the tokenizer loaded with no vocabulary ({len(tokenizer)} tokens); its "
+                             f"vocabulary files are missing or empty")
+    if len(tokenizer) > n_vocab:
+        raise ModelLoadError(f"{where!r}: the tokenizer has {len(tokenizer)} tokens but the text encoder embeds only "
+                             f"{n_vocab}; they do not belong together")
+    if tokenizer.model_max_length != n_pos:
+        raise ModelLoadError(f"{where!r}: the tokenizer pads prompts to {tokenizer.model_max_length} tokens but the "
+                             f"text encoder reads {n_pos} positions (tokenizer_config.json lacks model_max_length "
+                             f"{n_pos}?)")
 
 
 def _check_sd1_unet_config(cfg: dict, where: str) -> None:
@@ -244,6 +297,81 @@ def _check_sd1_unet_config(cfg: dict, where: str) -> None:
         raise ModelLoadError(
             f"{where!r} is not an SD-1.x UNet (expected down blocks {SD15_DOWN}, up blocks {SD15_UP} and 4 input "
             f"channels; got {down}, {up}, in_channels={cfg.get('in_channels')})")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "org/name" or a legacy "name"
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return len(s) <= 96 and bool(_HUB_ID.match(s)) and "--" not in s and ".." not in s and not s.endswith(".")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - an id the hub client refuses is simply not cached
+        return False
+
+
+def _source(name_or_path, what: str = "name_or_path") -> str:
+    """The model argument as a string, or a ModelLoadError that says what it is instead."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str):
+        raise ModelLoadError(f"{what} must be a string or a path (\"tiny\", a diffusers folder or a hub id such as "
+                             f"{'runwayml/stable-diffusion-v1-5'!r}), got {name_or_path!r} "
+                             f"({type(name_or_path).__name__})")
+    if not name_or_path.strip():
+        raise ModelLoadError(f"{what} is empty: give \"tiny\", a diffusers folder or a hub id")
+    return name_or_path
+
+
+def _check_location(name: str, what: str, probe: str) -> None:
+    """Before any loading: a path that is not there, or a hub id that cannot be fetched, is said to be so. `probe` is a
+    file of the model the hub cache would hold (e.g. "unet/config.json")."""
+    if os.path.exists(name):
+        return
+    if not _looks_like_hub_id(name):
+        raise ModelLoadError(f"{what} folder {name!r} does not exist (looked in {os.path.abspath(name)!r})")
+    if _hub_offline() and not _in_hub_cache(name, probe):
+        raise ModelLoadError(
+            f"{what} {name!r} is not a local folder (no {os.path.abspath(name)!r}), and as a hub id it cannot be "
+            f"fetched: the hub is offline (HF_HUB_OFFLINE is set) and it is not in the cache ({_hub_cache()}). "
+            f"Download it once with network access, or pass a local diffusers folder")
+
+
+def _load_failure(name: str, what: str, e: Exception) -> ModelLoadError:
+    """A from_pretrained failure, said in terms of what went wrong: no network, no such hub model, or the error."""
+    from huggingface_hub import errors as hub_errors
+
+    chain, c = [], e
+    while c is not None and len(chain) < 20:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    if not os.path.isdir(name):
+        if any(isinstance(c, (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError)) for c in chain):
+            return ModelLoadError(f"{what} {name!r} is not a local folder, and the hub has no such model (or it is "
+                                  f"private or gated): {e}")
+        if any(isinstance(c, (hub_errors.LocalEntryNotFoundError, ConnectionError)) for c in chain):
+            state = "offline" if _hub_offline() else "unreachable (no network?)"
+            return ModelLoadError(f"{what} {name!r} is not a local folder, the hub is {state} and it is not in the "
+                                  f"cache ({_hub_cache()}): {e}")
+    return ModelLoadError(f"could not load {what} {name!r}: {e}")
 
 
 ALIGN = 64  # bytes: what PyTorch's CPU allocator gives every fresh tensor
@@ -267,10 +395,18 @@ def _load_vae(vae, device, dtype):
 
     if isinstance(vae, torch.nn.Module):
         return vae
+    vae = _source(vae, "vae")
+    _check_location(vae, "VAE", "config.json")
+    if os.path.isdir(vae):
+        missing = _missing_files(*os.path.split(os.path.abspath(vae)))
+        if missing:
+            raise ModelLoadError(f"VAE folder {vae!r} is not a diffusers AutoencoderKL folder: missing "
+                                 f"{', '.join(missing)}")
+        _read_json(os.path.join(vae, "config.json"), vae)
     try:
         vae = AutoencoderKL.from_pretrained(vae)
     except Exception as e:  # noqa: BLE001 - re-raised with the name that failed
-        raise ModelLoadError(f"could not load VAE {vae!r}: {e}") from e
+        raise _load_failure(vae, "VAE", e) from e
     if device.type == "cpu":
         own_aligned_storage(vae)
     return vae
@@ -313,16 +449,20 @@ def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | 
     e.g. "stabilityai/sd-vae-ft-mse" as GoodDrag uses. device defaults to CUDA when present; dtype (a torch
     dtype or "fp32" / "bf16" / "fp16" / "fp64", the last for exact tests) to fp32.
     """
+    name_or_path = _source(name_or_path)
     device = _device(device)
     dtype = _dtype(dtype)
+    if vae is not None and not isinstance(vae, torch.nn.Module):  # before the UNet loads, not after
+        _check_location(_source(vae, "vae"), "VAE", "config.json")
     if name_or_path in ("tiny", "sd15-random"):
         unet, vae_m, text_encoder, tokenizer = (build_tiny if name_or_path == "tiny" else build_sd15_random)()
     else:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        _check_location(name_or_path, "model", "unet/config.json")
         if os.path.isdir(name_or_path):
-            _check_sd1_folder(name_or_path)
+            _check_sd1_folder(name_or_path, COMPONENTS if vae is None else tuple(c for c in COMPONENTS if c != "vae"))
         elif os.path.exists(name_or_path):
             raise ModelLoadError(f"{name_or_path!r} is a file, not a diffusers model folder or hub id")
         try:
@@ -333,8 +473,9 @@ def load_model(name_or_path: str = "tiny", *, device=None, dtype: torch.dtype | 
         except ModelLoadError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"could not load Stable Diffusion model {name_or_path!r}: {e}") from e
+            raise _load_failure(name_or_path, "Stable Diffusion model", e) from e
         _check_sd1_unet_config(dict(unet.config), name_or_path)
+        _check_tokenizer(tokenizer, text_encoder, name_or_path)
         if device.type == "cpu":
             for m in (unet, vae_m, text_encoder):
                 own_aligned_storage(m)

@@ -8,7 +8,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +22,7 @@ from .compile import GraphedCall, graph_warmup
 from .config import BaseConfig
 from .ddim import Schedule
 from .errors import InvalidInputError
+from .inputs import is_number, points_list, warn_user
 from .unet import UNetFeatures
 
 MIN_SIDE = 64
@@ -154,8 +154,10 @@ def load_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InvalidInputError(f"image file not found: {image!s}")
-        try:
-            image = ImageOps.exif_transpose(Image.open(image))
+        try:  # read in full while the file is open, and closed even when it is truncated or corrupt
+            with Image.open(image) as im:
+                im.load()
+                image = ImageOps.exif_transpose(im)  # a copy, in memory
         except Exception as e:  # noqa: BLE001
             raise InvalidInputError(f"could not read image {image!s}: {e}") from e
     elif isinstance(image, np.ndarray):
@@ -189,7 +191,8 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
         if not os.path.isfile(mask):
             raise InvalidInputError(f"mask file not found: {mask!s}")
         try:
-            mask = Image.open(mask)
+            with Image.open(mask) as m:
+                mask = m.convert("L")  # reads it in full while the file is open
         except Exception as e:  # noqa: BLE001
             raise InvalidInputError(f"could not read mask {mask!s}: {e}") from e
     if isinstance(mask, Image.Image):
@@ -201,8 +204,26 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
         mask = mask[..., 0]
     if mask.shape != tuple(size_hw):
         raise InvalidInputError(f"mask has shape {mask.shape}; it must be HxW = {tuple(size_hw)}, the image's size")
-    if mask.dtype.kind not in "biuf" or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
+    if mask.dtype.kind not in "biuf":
         raise InvalidInputError(f"mask must be boolean or numeric, got dtype {mask.dtype}")
+    if mask.dtype.kind == "f":
+        for bad, name in ((np.isnan(mask), "NaN"), (np.isinf(mask), "inf")):
+            if bad.any():
+                raise InvalidInputError(f"mask contains {name} ({int(bad.sum())} pixels); a mask is bool, 0/1 or 0/255")
+    if mask.dtype.kind != "b":
+        negative = mask < 0
+        if negative.any():
+            every = " (every pixel: an all-negative mask)" if negative.all() else ""
+            raise InvalidInputError(f"mask has {int(negative.sum())} negative values{every}, min {mask.min():g}; a "
+                                    f"mask is bool, 0/1 or 0/255 with values > 0 editable")
+        top = 255 if mask.max() > 1 else 1
+        between = (mask != 0) & (mask != top)
+        if between.any():
+            # the official code binarizes with > 0 (DragDiffusion uint8(mask > 0); GoodDrag mask/255 > 0)
+            warn_user(f"mask has {int(between.sum())} pixels with values other than 0 and {top} (from "
+                      f"{mask[between].min():g} to {mask[between].max():g}; lossy compression such as JPEG makes "
+                      f"them): as in the official code every value > 0 counts as editable, so all of them are. "
+                      f"Threshold the mask yourself (e.g. mask > {top / 2:g}) if that is not what you mean")
     mask = mask > 0
     if not mask.any():
         raise InvalidInputError("mask has no editable pixel (all zero); pass mask=None to allow editing everywhere")
@@ -211,9 +232,14 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
 
 def _check_point(p, W, H, what):
     try:
-        x, y = (float(v) for v in p)
+        x, y = p
     except (TypeError, ValueError):
         raise InvalidInputError(f"{what} must be an (x, y) pair of numbers, got {p!r}") from None
+    for v in (x, y):
+        if not is_number(v):
+            kind = "a bool" if isinstance(v, (bool, np.bool_)) else f"a {type(v).__name__}"
+            raise InvalidInputError(f"{what} {p!r}: the coordinate {v!r} is {kind}, not a number")
+    x, y = float(x), float(y)
     if not (math.isfinite(x) and math.isfinite(y)):
         raise InvalidInputError(f"{what} {p!r} is not finite")
     if not (0 <= x < W and 0 <= y < H):
@@ -234,7 +260,8 @@ def _check_point(p, W, H, what):
 def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: int = 8) -> Request:
     img = load_image(image)
     W, H = img.size
-    if points is None or len(points) == 0:
+    points = points_list([] if points is None else points)
+    if not points:
         raise InvalidInputError("no points: pass at least one ((hx, hy), (tx, ty)) handle/target pair")
     pairs = []
     for i, pair in enumerate(points):
@@ -251,12 +278,18 @@ def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: in
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
     req = Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
     req.latent_mask((H // latent_scale, W // latent_scale), "cpu")  # fail now, not after the LoRA fit
+    if req.mask is not None:
+        for i, ((hx, hy), _) in enumerate(pairs):
+            if not req.mask[int(hy), int(hx)]:
+                warn_user(f"handle {i} (x={hx:g}, y={hy:g}) lies outside the editable mask: the mask term holds "
+                          f"everything outside the mask in place, so this handle can hardly move. Extend the mask "
+                          f"over the handle and its path to the target")
     if H % latent_scale or W % latent_scale:
-        warnings.warn(
+        warn_user(
             f"image is {W}x{H}, not a multiple of {latent_scale}: the VAE covers only the first "
             f"{W // latent_scale * latent_scale}x{H // latent_scale * latent_scale} px, and the result is that decoded "
             f"and stretched back to {W}x{H}, as in the official code (up to {latent_scale - 1} px of drift at the far "
-            f"edges). Crop or resize to a multiple of {latent_scale} to avoid it", UserWarning, stacklevel=3)
+            f"edges). Crop or resize to a multiple of {latent_scale} to avoid it")
     return req
 
 

@@ -162,3 +162,131 @@ def test_lora_adapter_init_and_set():
     with torch.no_grad():
         torch.testing.assert_close(unet(z, 501, encoder_hidden_states=c).sample, base)
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model folders that cannot serve an edit: each is a ModelLoadError at load that says which (issue 18, item 5)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "tiny-sd"
+    fastdrag.load_model("tiny", device="cpu").save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def damaged(saved_tiny, tmp_path):
+    """A fresh copy of the saved tiny model, to damage."""
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(saved_tiny, dst)
+    return dst
+
+
+@pytest.mark.parametrize("arg", [None, 3, b"tiny", ["tiny"]])
+def test_load_model_refuses_a_non_string_argument(arg):
+    with pytest.raises(ModelLoadError) as e:
+        fastdrag.load_model(arg, device="cpu")
+    assert "must be a string or a path" in str(e.value) and f"got {arg!r} ({type(arg).__name__})" in str(e.value)
+
+
+def test_load_model_takes_a_pathlib_path(damaged):
+    m = fastdrag.load_model(damaged, device="cpu")  # an undamaged copy, as a pathlib.Path
+    assert m.name == str(damaged)
+
+
+def test_a_missing_folder_is_said_to_be_missing(tmp_path):
+    for p in (tmp_path / "runs" / "sd15", "./no-such-dir/sd15", "~/no/such/model"):
+        with pytest.raises(ModelLoadError, match="folder .* does not exist"):
+            fastdrag.load_model(str(p), device="cpu")
+
+
+def test_a_folder_without_tokenizer_fails_at_load_not_at_the_first_edit(damaged):
+    import shutil
+
+    shutil.rmtree(damaged / "tokenizer")
+    with pytest.raises(ModelLoadError, match=r"missing tokenizer/$"):
+        fastdrag.load_model(str(damaged), device="cpu")
+
+
+def test_a_tokenizer_folder_without_vocabulary_fails_at_load(damaged):
+    (damaged / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing tokenizer/tokenizer.json \(or tokenizer/vocab.json"):
+        fastdrag.load_model(str(damaged), device="cpu")
+
+
+def test_every_missing_component_is_listed(damaged):
+    import shutil
+
+    shutil.rmtree(damaged / "unet")
+    (damaged / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (damaged / "text_encoder" / "config.json").unlink()
+    with pytest.raises(ModelLoadError) as e:
+        fastdrag.load_model(str(damaged), device="cpu")
+    assert str(e.value).endswith("missing unet/, vae/ weights (*.safetensors or *.bin), text_encoder/config.json")
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "unet/config.json", "vae/config.json",
+                                  "text_encoder/config.json", "tokenizer/tokenizer_config.json",
+                                  "scheduler/scheduler_config.json"])
+def test_a_corrupt_json_file_is_named_with_its_parse_error(damaged, name):
+    f = damaged / name
+    f.write_text(f.read_text()[:-20])  # truncated
+    with pytest.raises(ModelLoadError, match=rf"{name} is not valid JSON \(.*line \d+ column \d+"):
+        fastdrag.load_model(str(damaged), device="cpu")
+
+
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_fails_at_load(damaged):
+    cfg_path = damaged / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["model_max_length"]  # transformers then pads to ~1e30 tokens: OverflowError at the first edit
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="the tokenizer pads prompts to .* the text encoder reads 77 positions"):
+        fastdrag.load_model(str(damaged), device="cpu")
+
+
+def test_an_uncached_hub_id_offline_says_offline_and_not_in_the_cache(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("no-such-org/no-such-model", "mistyped-model"):  # the second may be a folder name or a hub id
+        with pytest.raises(ModelLoadError) as e:
+            fastdrag.load_model(name, device="cpu")
+        msg = str(e.value)
+        assert "not a local folder" in msg and "offline" in msg
+        assert f"not in the cache ({constants.HF_HUB_CACHE})" in msg
+
+
+def test_an_uncached_hub_id_without_network_says_unreachable(monkeypatch):
+    """What huggingface_hub raises with no network (seen with a refused connection: LocalEntryNotFoundError under an
+    OSError from diffusers, after ~25 s of retries) is reported as that, not as a missing config.json."""
+    import diffusers
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import fastdrag.model as fd_model
+
+    def no_network(*a, **k):
+        try:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        except LocalEntryNotFoundError:
+            raise OSError("no-such-org/no-such-model does not appear to have a file named config.json.")
+
+    monkeypatch.setattr(fd_model, "_hub_offline", lambda: False)
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", no_network)
+    with pytest.raises(ModelLoadError, match=r"not a local folder, the hub is unreachable \(no network\?\) and it is "
+                                             r"not in the cache"):
+        fastdrag.load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_a_replacement_vae_that_cannot_load_says_why(damaged, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"VAE 'no-such-org/no-vae' is not a local folder .* offline .* not in "
+                                             r"the cache"):
+        fastdrag.load_model(str(damaged), device="cpu", vae="no-such-org/no-vae")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ModelLoadError, match=r"VAE folder .* missing vae/config.json, vae/ weights"):
+        fastdrag.load_model(str(damaged), device="cpu", vae=str(tmp_path / "vae"))
+    m = fastdrag.load_model(str(damaged), device="cpu", vae=str(damaged / "vae"))  # a good folder loads
+    assert m.vae.config.latent_channels == 4
