@@ -238,7 +238,7 @@ def _missing_files(path: str, component: str) -> list[str]:
     if component == "tokenizer":  # a CLIP tokenizer loads from tokenizer.json or from vocab.json + merges.txt
         if "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names:
             return []
-        return [f"tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)"]
+        return ["tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)"]
     missing = [] if "config.json" in names else [f"{component}/config.json"]
     if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         missing.append(f"{component}/ weights (*.safetensors or *.bin)")
