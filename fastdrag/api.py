@@ -15,7 +15,7 @@ from .compile import merged_lora
 from .config import BaseConfig, make_config
 from .errors import ConfigError
 from .kernels import reference as reference_ops
-from .methods import METHODS, _load_all
+from .methods import METHODS, PREFLIGHT, _load_all
 from .model import DTYPES, DragModel, load_model
 from .pipeline import DragContext, Prepared, Progress, Reporter, decode, make_request, prepare
 from .unet import UNetFeatures
@@ -25,12 +25,26 @@ DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 
 @dataclass
 class EditResult:
-    image: Image.Image  # same size as the input
-    points: list[tuple[float, float]]  # final handle positions, image pixels (x, y)
-    timings: dict[str, float]  # seconds per stage: lora, invert, drag, denoise, decode, total
+    """The edited image and what the edit did.
+
+    image: the edited image, the input's size (or the resized size with resize_width; see resized_from).
+    points: final handle positions in image pixels, (x, y), one per pair.
+    timings: seconds per stage: lora, invert, drag, denoise, decode, total.
+    trace: per-step records for tests and front ends (ms_loss, steps, ...). trace["handles"] and
+        trace["handles_init"] are the handle positions the methods track, as (row, col) on the half-resolution
+        supervision grid (int(H/2) x int(W/2)), not image (x, y): image x = col * W / int(W/2), y = row * H / int(H/2)
+        (what `points` holds for the final step).
+    resized_from: (W, H) of the input image when resize_width resized it, else None; image, points and trace are
+        then all at the resized size.
+    """
+
+    image: Image.Image
+    points: list[tuple[float, float]]
+    timings: dict[str, float]
     method: str
     config: BaseConfig
-    trace: dict = field(default_factory=dict)  # per-step records: ms_loss, handles, steps, ...
+    trace: dict = field(default_factory=dict)
+    resized_from: tuple[int, int] | None = None
 
 
 def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:
@@ -119,7 +133,7 @@ class Editor:
 
     def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
              progress: Callable[[Progress], None] | None = None, preset: str | None = None,
-             **overrides) -> EditResult:
+             resize_width: int | None = None, **overrides) -> EditResult:
         """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
         _load_all()
         if method not in METHODS:
@@ -127,11 +141,16 @@ class Editor:
         cfg = make_config(method, preset=preset, **overrides)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress must be None or a callable taking a fastdrag.Progress, got {progress!r} "
+                              f"({type(progress).__name__})")
+        req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale, resize_width=resize_width,
+                           native_side=self.model.resolution)
         req.check_drags(cfg.stop_distance)
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
+        PREFLIGHT[method](self.model, cfg, req)  # what the method loads (CLIP) fails now, not after the LoRA fit
         reporter = Reporter(progress, self.model.device)
         t0 = time.perf_counter()
         prep = self._prepare(req, cfg, seed, ex, reporter)
@@ -152,7 +171,7 @@ class Editor:
         timings = {k: reporter.timings.get(k, 0.0) for k in ("lora", "invert", "drag", "denoise", "decode")}
         timings["total"] = time.perf_counter() - t0
         return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
-                          config=cfg, trace=out.trace)
+                          config=cfg, trace=out.trace, resized_from=req.resized_from)
 
 
 def _check_model(model) -> None:
@@ -166,12 +185,17 @@ _editors: dict[int, Editor] = {}
 
 
 def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", model: DragModel | None = None,
-         seed: int = 42, progress: Callable[[Progress], None] | None = None, **overrides) -> EditResult:
+         seed: int = 42, progress: Callable[[Progress], None] | None = None, resize_width: int | None = None,
+         **overrides) -> EditResult:
     """Run one drag edit.
 
     image: PIL.Image | HxWx3 uint8 ndarray | path. points: [((hx, hy), (tx, ty)), ...] in image pixels (x, y).
     mask: HxW bool/uint8 (1 = may change), a PIL image or a path; None = the whole image may change.
     method: "dragdiffusion" | "gooddrag" | "dragtext" | "clipdrag". model: from load_model(); None loads SD-1.5.
+    progress: None or a callable, called with a fastdrag.Progress(stage, step, total) after each step of each stage.
+    resize_width: resize image, mask and points to this width first (height int(h * width / w), as the official
+    UIs do with 512); the result is then at the resized size (EditResult.resized_from says so). An image with more
+    than twice the model's native pixels and no resize_width gets a warning.
     overrides: any field of the method's config (e.g. n_pix_step=40, latent_lr=0.02) and preset="bench"/"ui".
     Repeat calls with the same model reuse the prepared image (LoRA, inversion) where the settings allow.
     """
@@ -183,7 +207,7 @@ def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffu
         _editors.clear()
         editor = _editors[id(model)] = Editor(model, max_cached=1)
     return editor.edit(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
-                       **overrides)
+                       resize_width=resize_width, **overrides)
 
 
 __all__ = ["edit", "Editor", "EditResult", "Execution", "resolve_backend", "resolve_execution"]

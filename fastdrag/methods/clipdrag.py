@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..clip import ClipObjective, global_gradient
+from ..clip import ClipObjective, global_gradient, load_clip
 from ..pipeline import DragContext
 from . import MethodOutput, register
 from .dragdiffusion import drag_at_edit_timestep
@@ -22,11 +22,21 @@ from .dragdiffusion import drag_at_edit_timestep
 
 def clip_prompt(ctx: DragContext) -> str:
     """The text CLIP follows: the edit prompt, else the source prompt (official ui_utils); "" if both are empty."""
-    edit = ctx.cfg.edit_prompt
-    return edit if edit.strip() else ctx.req.prompt
+    return _clip_prompt(ctx.cfg, ctx.req.prompt)
 
 
-@register("clipdrag")
+def _clip_prompt(cfg, source_prompt: str) -> str:
+    return cfg.edit_prompt if cfg.edit_prompt.strip() else source_prompt
+
+
+def preflight(model, cfg, req) -> None:
+    """Load CLIP (cached for the run) before any UNet pass, so that an unavailable CLIP fails in a second, not after
+    the LoRA fit and the inversion. Nothing to load when there is no text for CLIP to follow."""
+    if _clip_prompt(cfg, req.prompt).strip():
+        load_clip(cfg.clip_model, model.device, model.dtype)
+
+
+@register("clipdrag", preflight=preflight)
 def run(ctx: DragContext) -> MethodOutput:
     cfg, model, sched = ctx.cfg, ctx.model, ctx.prep.schedule
     prompt = clip_prompt(ctx)
