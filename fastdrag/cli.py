@@ -212,7 +212,8 @@ class Output:
         self.path = path
         where = f"{flag} {path!r}"
         if os.path.isdir(path):
-            raise InvalidInputError(f"{where} is a directory; give a file name such as {os.path.join(path, 'out.png')!r}")
+            raise InvalidInputError(f"{where} is a directory; give a file name such as "
+                                    f"{os.path.join(path, 'out.png')!r}")
         self.folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(self.folder):
             raise InvalidInputError(f"{where}: folder {self.folder!r} does not exist")
@@ -293,24 +294,25 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p, model_default):
-        p.add_argument("--method", default="dragdiffusion", choices=sorted(CONFIGS))
+        p.add_argument("--method", default="dragdiffusion", choices=sorted(CONFIGS), help="default: dragdiffusion")
         p.add_argument("--preset", default=None, help="named preset: " + "; ".join(
             f"{m}: {', '.join(v)}" for m, v in PRESETS.items() if v))
-        p.add_argument("--prompt", default="")
+        p.add_argument("--prompt", default="", help="the image's description (the source prompt)")
         p.add_argument("--model", default=model_default, help='"tiny", a local diffusers folder or a hub id')
         p.add_argument("--vae", default=None, help="replacement VAE (id or folder), e.g. stabilityai/sd-vae-ft-mse")
-        p.add_argument("--device", default=None)
-        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
+        p.add_argument("--seed", type=int, default=42, help="default: 42")
         p.add_argument("--resize-width", type=int, default=None, metavar="W",
                        help="resize the image (and mask and points) to width W first, height int(h * W / w), as the "
                             "official UIs do with 512; the result is written at that size")
         _add_config_flags(p)
 
     pe = sub.add_parser("edit", help="drag points in an image")
-    pe.add_argument("--image", required=True)
-    pe.add_argument("--drag", required=True, action="append", type=_parse_drag, metavar="HX,HY:TX,TY")
+    pe.add_argument("--image", required=True, help="the image to edit (a file PIL reads)")
+    pe.add_argument("--drag", required=True, action="append", type=_parse_drag, metavar="HX,HY:TX,TY",
+                    help="a handle and its target, image pixels (x, y); repeat for more pairs")
     pe.add_argument("--mask", default=None, help="PNG, non-zero = may change")
-    pe.add_argument("--out", required=True)
+    pe.add_argument("--out", required=True, help="the output image (.png, .jpg, ...), written when the edit is done")
     pe.add_argument("--side-by-side", action="store_true", help="write input-with-arrows | result")
     common(pe, "runwayml/stable-diffusion-v1-5")
 
