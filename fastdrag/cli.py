@@ -183,7 +183,8 @@ def before_after(image, result, points):
         d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
     def target_ring(x, y):
-        d.ellipse([x - r - ring, y - r - ring, x + r + ring, y + r + ring], outline=TARGET, width=ring)
+        # from radius r (the dot's edge, which it covers when drawn after the dot) out to r + ring
+        d.ellipse([x - r - ring, y - r - ring, x + r + ring, y + r + ring], outline=TARGET, width=ring + 1)
 
     ox = w + 8
     for ((hx, hy), (tx, ty)), (fx, fy) in zip(points, result.points):

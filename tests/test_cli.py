@@ -313,9 +313,9 @@ def test_before_after_has_a_legend_and_a_reached_target_stays_visible():
     r = max(3, w // 100)
     ring = max(2, r // 2)
     ox = w + 8
-    # the target's ring, drawn over the final handle's dot, shows around it
-    assert tuple(arr[40, ox + 60 + r + ring // 2 + 1]) == cli.TARGET or tuple(arr[40, ox + 60 + r + 1]) == cli.TARGET
-    assert tuple(arr[40, ox + 60]) == cli.FINAL  # and the dot inside it
+    # the target's ring is drawn over the final handle's dot (it covers the dot's edge) and shows around it
+    assert [tuple(arr[40, ox + 60 + d]) for d in range(r + ring + 2)] == \
+        [cli.FINAL] * r + [cli.TARGET] * (ring + 1) + [(128, 128, 128)]
     legend = {tuple(c) for c in arr[h:].reshape(-1, 3)}
     assert {cli.HANDLE, cli.TARGET, cli.FINAL} <= legend
     assert any(c != (255, 255, 255) and len(set(c)) == 1 for c in legend)  # the (grey/black) label text
