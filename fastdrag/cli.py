@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def _join_negative_drags(argv: list[str]) -> list[str]:
     number) for an option and stops. Joined, the negative coordinate reaches the point check, which names it."""
     out, i = [], 0
     while i < len(argv):
+        if argv[i] == "--":  # what follows is passed on as it is (fastdrag bench -- ...)
+            return out + argv[i:]
         if argv[i] == "--drag" and i + 1 < len(argv) and argv[i + 1].startswith("-") and ":" in argv[i + 1]:
             out.append("--drag=" + argv[i + 1])
             i += 2
@@ -223,6 +226,11 @@ class Output:
         if self.format not in Image.SAVE:
             raise InvalidInputError(f"{where}: {self.ext or 'no extension'} is not an image format PIL writes; use "
                                     f".png or .jpg")
+        try:  # a format PIL writes but not for RGB pictures (.xbm, .msp) fails now, not after the edit
+            Image.new("RGB", (8, 8)).save(io.BytesIO(), format=self.format)
+        except Exception as e:  # noqa: BLE001 - any refusal, re-raised with the path
+            raise InvalidInputError(f"{where}: PIL cannot write an RGB image as {self.format} ({e}); use .png or "
+                                    f".jpg") from None
         try:  # the real test of writability (os.access is not, e.g. for root or on a read-only mount)
             fd, probe = tempfile.mkstemp(prefix=".fastdrag-", suffix=".tmp", dir=self.folder)
         except OSError as e:

@@ -264,9 +264,9 @@ def resize_input(image: Image.Image, mask: np.ndarray | None, width: int | None,
         if native_side and w * h > LARGE_IMAGE_FACTOR * native_side ** 2:
             warn_caller(
                 f"image is {w}x{h} ({w * h / 1e6:.1f} M px), {w * h / native_side ** 2:.0f} times the model's native "
-                f"{native_side}x{native_side}: every stage (LoRA fit, inversion, each drag step) costs that much more "
-                f"and SD-1.5 edits best near its native size. Pass resize_width={native_side} (CLI --resize-width "
-                f"{native_side}) to resize it as the official UIs do")
+                f"{native_side}x{native_side}: the inversion, every drag step and the denoising cost at least that "
+                f"many times more, and SD-1.5 edits best near its native size. Pass resize_width={native_side} (CLI "
+                f"--resize-width {native_side}) to resize it as the official UIs do")
         return image, mask, (1.0, 1.0)
     if isinstance(width, bool) or not isinstance(width, numbers.Integral):
         raise ConfigError(f"resize_width must be an integer number of pixels or None, got {width!r}")

@@ -137,7 +137,7 @@ def test_cli_output_path_problems_are_one_line_errors_before_the_model_loads(tmp
         unwritable = str(ro / "out.png")
     (tmp_path / "adir").mkdir()
     for out, match in ((tmp_path / "adir", "is a directory"), (unwritable, "cannot write in folder"),
-                       (tmp_path / "no" / "o.png", "does not exist")):
+                       (tmp_path / "no" / "o.png", "does not exist"), (tmp_path / "o.xbm", "cannot write an RGB")):
         rc = cli.main(["edit", "--model", "tiny", "--image", src, "--drag", "40,60:70,60", "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and match in err and err.count("\n") == 1, err
@@ -164,6 +164,7 @@ def test_cli_checks_options_and_inputs_before_the_model_loads(tmp_path, image, c
 def test_negative_drag_values_reach_argparse_as_values():
     assert cli._join_negative_drags(["edit", "--drag", "-5,40:30,80", "--drag", "1,2:3,4", "--lam", "-1"]) == \
         ["edit", "--drag=-5,40:30,80", "--drag", "1,2:3,4", "--lam", "-1"]
+    assert cli._join_negative_drags(["bench", "--", "--drag", "-5,40:30,80"]) == ["bench", "--", "--drag", "-5,40:30,80"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
