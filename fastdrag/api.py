@@ -20,12 +20,12 @@ from .config import BaseConfig, make_config
 from .errors import ConfigError, InvalidInputError
 from .inputs import check_prompt_tokens, check_radii, warn_user
 from .kernels import reference as reference_ops
-from .methods import METHODS, _load_all
+from .methods import METHODS, PREFLIGHT, _load_all
 from .model import DTYPES, DragModel, load_model
 from .lora_io import SIDECAR, LoadedLora, load_lora
 from .lora_io import save_lora as write_lora
 from .pipeline import (DragContext, Prepared, Progress, Reporter, Request, decode, fitted_lora, load_image,
-                       make_request, prepare)
+                       make_request, prepare, resize_input)
 from .unet import UNetFeatures
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -33,12 +33,26 @@ DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 
 @dataclass
 class EditResult:
-    image: Image.Image  # same size as the input
-    points: list[tuple[float, float]]  # final handle positions, image pixels (x, y)
-    timings: dict[str, float]  # seconds per stage: lora, invert, drag, denoise, decode, total
+    """The edited image and what the edit did.
+
+    image: the edited image, the input's size (or the resized size with resize_width; see resized_from).
+    points: final handle positions in image pixels, (x, y), one per pair.
+    timings: seconds per stage: lora, invert, drag, denoise, decode, total.
+    trace: per-step records for tests and front ends (ms_loss, steps, ...). trace["handles"] and
+        trace["handles_init"] are the handle positions the methods track, as (row, col) on the half-resolution
+        supervision grid (int(H/2) x int(W/2)), not image (x, y): image x = col * W / int(W/2), y = row * H / int(H/2)
+        (what `points` holds for the final step).
+    resized_from: (W, H) of the input image when resize_width resized it, else None; image, points and trace are
+        then all at the resized size.
+    """
+
+    image: Image.Image
+    points: list[tuple[float, float]]
+    timings: dict[str, float]
     method: str
     config: BaseConfig
-    trace: dict = field(default_factory=dict)  # per-step records: ms_loss, handles, steps, ...
+    trace: dict = field(default_factory=dict)
+    resized_from: tuple[int, int] | None = None
 
 
 def resolve_backend(cfg: BaseConfig, model: DragModel) -> str:
@@ -141,11 +155,15 @@ class Editor:
 
     def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
              progress: Callable[[Progress], None] | None = None, preset: str | None = None, lora=None,
-             **overrides) -> EditResult:
+             resize_width: int | None = None, **overrides) -> EditResult:
         """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
         cfg = _make_config(method, preset, overrides)
         seed = _check_seed(seed)
-        req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale)
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress must be None or a callable taking a fastdrag.Progress, got {progress!r} "
+                              f"({type(progress).__name__})")
+        req = make_request(image, points, mask, prompt, latent_scale=self.model.vae_scale, resize_width=resize_width,
+                           native_side=self.model.resolution)
         req.check_drags(cfg.stop_distance)
         check_radii(cfg, req.size, req.sup_size)
         check_prompt_tokens(self.model.tokenizer, req.prompt)
@@ -162,6 +180,7 @@ class Editor:
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
+        PREFLIGHT[method](self.model, cfg, req)  # what the method loads (CLIP) fails now, not after the LoRA fit
         reporter = Reporter(progress, self.model.device)
         prep = self._prepare(req, cfg, seed, ex, reporter, loaded)
         uf = self._unet_pass(cfg.unet_feature_idx) if ex.compile_unet else UNetFeatures(self.model.unet,
@@ -181,11 +200,11 @@ class Editor:
         timings = {k: reporter.timings.get(k, 0.0) for k in ("lora", "invert", "drag", "denoise", "decode")}
         timings["total"] = time.perf_counter() - t0
         return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
-                          config=cfg, trace=out.trace)
+                          config=cfg, trace=out.trace, resized_from=req.resized_from)
 
     def save_lora(self, folder, image, *, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
                   progress: Callable[[Progress], None] | None = None, preset: str | None = None,
-                  **options) -> str:
+                  resize_width: int | None = None, **options) -> str:
         """Write the LoRA that an edit of `image` with these settings uses (fitted now, or taken from this Editor's
         cache) to `folder`: pytorch_lora_weights.safetensors in diffusers' layout (what the official train_lora
         writes and StableDiffusionPipeline.load_lora_weights reads) and fastdrag_lora.json (rank, steps, lr, batch
@@ -201,7 +220,8 @@ class Editor:
             raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
         if not isinstance(folder, (str, os.PathLike)) or (os.path.exists(folder) and not os.path.isdir(folder)):
             raise ConfigError(f"save_lora needs a folder path (made if missing), got {folder!r}")
-        req = Request(image=load_image(image), points=[], mask=None, prompt=prompt)
+        img, _, _ = resize_input(load_image(image), None, resize_width)  # as edit(resize_width=...): the same cache key
+        req = Request(image=img, points=[], mask=None, prompt=prompt)
         with self.model.lock:
             ex = resolve_execution(cfg, self.model)
             if self.model.dtype != ex.dtype:
@@ -253,12 +273,17 @@ def _check_model(model) -> None:
 
 
 def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", model: DragModel | None = None,
-         seed: int = 42, progress: Callable[[Progress], None] | None = None, lora=None, **overrides) -> EditResult:
+         seed: int = 42, progress: Callable[[Progress], None] | None = None, resize_width: int | None = None,
+         lora=None, **overrides) -> EditResult:
     """Run one drag edit.
 
     image: PIL.Image | HxWx3 uint8 ndarray | path. points: [((hx, hy), (tx, ty)), ...] in image pixels (x, y).
     mask: HxW bool/uint8 (1 = may change), a PIL image or a path; None = the whole image may change.
     method: "dragdiffusion" | "gooddrag" | "dragtext" | "clipdrag". model: from load_model(); None loads SD-1.5.
+    progress: None or a callable, called with a fastdrag.Progress(stage, step, total) after each step of each stage.
+    resize_width: resize image, mask and points to this width first (height int(h * width / w), as the official
+    UIs do with 512); the result is then at the resized size (EditResult.resized_from says so). An image with more
+    than twice the model's native pixels and no resize_width gets a warning.
     overrides: any field of the method's config (e.g. n_pix_step=40, latent_lr=0.02) and preset="bench"/"ui".
     lora: a LoRA folder (Editor.save_lora's, or the official train_lora's, e.g. DragBench's per-sample LoRAs) to use
     instead of fitting one; its rank must be lora_rank.
@@ -273,7 +298,7 @@ def edit(image, points, *, mask=None, prompt: str = "", method: str = "dragdiffu
         if editor is None:
             editor = model._default_editor = Editor(model, max_cached=1)
     return editor.edit(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
-                       lora=lora, **overrides)
+                       resize_width=resize_width, lora=lora, **overrides)
 
 
 __all__ = ["edit", "Editor", "EditResult", "Execution", "resolve_backend", "resolve_execution"]

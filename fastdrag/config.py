@@ -237,6 +237,48 @@ class CLIPDragConfig(DragDiffusionConfig):
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
 
 
+# One line per config field, for `fastdrag edit --help` (which adds the methods that take it and their defaults).
+FIELD_HELP: dict[str, str] = {
+    "lora_steps": "identity-preserving LoRA fit steps (0 = no LoRA)",
+    "lora_lr": "LoRA fit learning rate",
+    "lora_batch_size": "LoRA fit batch size",
+    "lora_rank": "LoRA rank",
+    "n_inference_step": "DDIM steps of the full schedule",
+    "inversion_strength": "fraction of the schedule inverted: the edit timestep",
+    "unet_feature_idx": "feature block: 0 = mid block, k = up_blocks[k-1]",
+    "latent_lr": "Adam learning rate of the optimized latent",
+    "lam": "weight of the masked one-step DDIM term (keeps the area outside the mask)",
+    "stop_distance": "a handle this close to its target (half-resolution feature px) counts as reached",
+    "start_step": "first denoising step with mutual self-attention",
+    "start_layer": "first self-attention layer that reads the reference branch (16 = off)",
+    "optimize_text": "also optimize the text embedding (DragText)",
+    "text_lr": "Adam learning rate of the optimized text embedding",
+    "text_lam": "weight of the text embedding's regularization to the source prompt",
+    "backend": "reference (plain PyTorch) | fast (Triton ops) | auto (fast on CUDA)",
+    "check_every": "read the device stop flag every k drag steps",
+    "precision": "fp32 | bf16 | fp16 | auto (bf16 with the fast backend on CUDA, else as loaded)",
+    "compile_unet": "torch.compile the UNet pass: on | off | auto (on with the fast backend on CUDA)",
+    "cuda_graph": "capture the drag iteration in a CUDA graph: on | off | auto",
+    "cuda_graph_stages": "replay LoRA fit, inversion and denoising steps from CUDA graphs: on | off | auto",
+    "merge_lora": "fold the LoRA into the weights after the fit: on | off | auto",
+    "n_pix_step": "maximum drag (motion-supervision) steps",
+    "r_m": "motion-supervision patch radius, feature px",
+    "r_p": "point-tracking search radius, feature px",
+    "drag_end_step": "denoising timesteps spent dragging (AlDD)",
+    "track_per_step": "drag operations per drag timestep (B)",
+    "max_drag_per_track": "motion-supervision steps per tracking update (J)",
+    "r1": "motion-supervision patch radius, feature px",
+    "r2": "point-tracking search radius, feature px",
+    "beta": "largest motion-supervision step, feature px: min(beta, distance)",
+    "max_track_no_change": "stop after this many trackings that do not move a handle",
+    "edit_prompt": "the text CLIP follows (empty = the source prompt)",
+    "clip_model": "CLIP: a transformers CLIPModel hub id, a local folder or 'tiny'",
+    "fuse_cof": "weight of the CLIP gradient in the fusion",
+    "clip_loss_coef": "scale of the CLIP loss",
+    "fusion": "gradient fusion rule: clipdrag (the official code) | projection",
+    "quirks": "fixed (fastdrag's corrections) | official (the released code's results, quirks included)",
+}
+
 # Named presets: where the official UI and benchmark scripts differ. "bench" exists to reproduce the published
 # benchmark numbers, so it also reproduces the released code's quirks (quirks="official", docs/deviations.md).
 PRESETS: dict[str, dict[str, dict]] = {
@@ -286,4 +328,4 @@ def make_config(method: str, preset: str | None = None, **overrides) -> BaseConf
 
 
 __all__ = ["BaseConfig", "DragDiffusionConfig", "DragTextConfig", "GoodDragConfig", "CLIPDragConfig",
-           "PRESETS", "QUIRKS", "CONFIGS", "make_config"]
+           "PRESETS", "QUIRKS", "CONFIGS", "FIELD_HELP", "make_config"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,11 +22,12 @@ from .attention import mutual_attention
 from .compile import GraphedCall, graph_warmup
 from .config import BaseConfig
 from .ddim import Schedule
-from .errors import InvalidInputError
+from .errors import ConfigError, InvalidInputError
 from .inputs import is_number, points_list, warn_user
 from .unet import UNetFeatures
 
 MIN_SIDE = 64
+LARGE_IMAGE_FACTOR = 2  # warn when an image has more than this many times the model's native pixels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +89,7 @@ class Request:
     points: list[tuple[tuple[float, float], tuple[float, float]]]  # ((hx, hy), (tx, ty)) image pixels
     mask: np.ndarray | None  # HxW bool, True = may change
     prompt: str
+    resized_from: tuple[int, int] | None = None  # (W, H) of the input image when resize_width resized it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -152,6 +155,8 @@ class Request:
 
 def load_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
+        if os.path.isdir(image):
+            raise InvalidInputError(f"image path {image!s} is a directory, not an image file")
         if not os.path.isfile(image):
             raise InvalidInputError(f"image file not found: {image!s}")
         try:  # read in full while the file is open, and closed even when it is truncated or corrupt
@@ -188,6 +193,8 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
     if mask is None:
         return None
     if isinstance(mask, (str, os.PathLike)):
+        if os.path.isdir(mask):
+            raise InvalidInputError(f"mask path {mask!s} is a directory, not an image file")
         if not os.path.isfile(mask):
             raise InvalidInputError(f"mask file not found: {mask!s}")
         try:
@@ -230,7 +237,9 @@ def _load_mask(mask, size_hw) -> np.ndarray | None:
     return mask
 
 
-def _check_point(p, W, H, what):
+def _check_point(p, W, H, what, scale=(1.0, 1.0)):
+    """An (x, y) point of the input image, scaled by `scale` (resize_width) and then checked against the W x H
+    image the methods see."""
     try:
         x, y = p
     except (TypeError, ValueError):
@@ -242,6 +251,9 @@ def _check_point(p, W, H, what):
     x, y = float(x), float(y)
     if not (math.isfinite(x) and math.isfinite(y)):
         raise InvalidInputError(f"{what} {p!r} is not finite")
+    if scale != (1.0, 1.0):
+        what = f"{what} {p!r}, scaled with the image by resize_width to"
+        x, y = x * scale[0], y * scale[1]
     if not (0 <= x < W and 0 <= y < H):
         raise InvalidInputError(f"{what} (x={x:g}, y={y:g}) is outside the {W}x{H} image")
     # The last pixel row/column can round to one past the supervision grid's end (Request.feature_points), which
@@ -257,8 +269,48 @@ def _check_point(p, W, H, what):
     return x, y
 
 
-def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: int = 8) -> Request:
+def resize_input(image: Image.Image, mask: np.ndarray | None, width: int | None, *,
+                 native_side: int | None = None) -> tuple[Image.Image, np.ndarray | None, tuple[float, float]]:
+    """Resize to `width` as the official UIs do: the image BILINEAR to (width, int(h * width / w)), the mask nearest.
+    Returns (image, mask, (sx, sy)), the factors that take the input's (x, y) points to the resized image's; the
+    points are scaled and then checked (make_request), never clamped. width=None keeps the size, with a warning if
+    the image has more than LARGE_IMAGE_FACTOR times the model's native pixels (native_side ** 2)."""
+    w, h = image.size
+    if width is None:
+        if native_side and w * h > LARGE_IMAGE_FACTOR * native_side ** 2:
+            warn_user(
+                f"image is {w}x{h} ({w * h / 1e6:.1f} M px), {w * h / native_side ** 2:.0f} times the model's native "
+                f"{native_side}x{native_side}: the inversion, every drag step and the denoising cost at least that "
+                f"many times more, and SD-1.5 edits best near its native size. Pass resize_width={native_side} (CLI "
+                f"--resize-width {native_side}) to resize it as the official UIs do")
+        return image, mask, (1.0, 1.0)
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+        raise ConfigError(f"resize_width must be an integer number of pixels or None, got {width!r}")
+    width = int(width)
+    height = int(h * width / w)  # truncated, not rounded to a multiple of 8 (official)
+    if min(width, height) < MIN_SIDE:
+        raise ConfigError(f"resize_width={width} makes the {w}x{h} image {width}x{height}; both sides must be at "
+                          f"least {MIN_SIDE} px")
+    if (width, height) == (w, h):
+        return image, mask, (1.0, 1.0)
+    image = image.resize((width, height), Image.BILINEAR)
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+        if not mask.any():
+            raise InvalidInputError(f"the mask's editable region vanishes when the image is resized to {width}x"
+                                    f"{height} (resize_width); draw a larger mask or resize less")
+    return image, mask, (width / w, height / h)
+
+
+def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: int = 8,
+                 resize_width: int | None = None, native_side: int | None = None) -> Request:
+    """Validated inputs. `resize_width` resizes image, mask and points together (resize_input); the request is then
+    at the resized size (and so is the edit's result). `native_side`: the model's native image side, for the
+    large-image warning."""
     img = load_image(image)
+    input_size = img.size
+    img, mask, scale = resize_input(img, _load_mask(mask, (img.height, img.width)), resize_width,
+                                    native_side=native_side)
     W, H = img.size
     points = points_list([] if points is None else points)
     if not points:
@@ -269,14 +321,15 @@ def make_request(image, points, mask=None, prompt: str = "", *, latent_scale: in
             handle, target = pair
         except (TypeError, ValueError):
             raise InvalidInputError(f"point pair {i} must be ((hx, hy), (tx, ty)), got {pair!r}") from None
-        h = _check_point(handle, W, H, f"handle {i}")
-        t = _check_point(target, W, H, f"target {i}")
+        h = _check_point(handle, W, H, f"handle {i}", scale)
+        t = _check_point(target, W, H, f"target {i}", scale)
         if h == t:
             raise InvalidInputError(f"handle {i} equals its target {h}: nothing to drag")
         pairs.append((h, t))
     if not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
-    req = Request(image=img, points=pairs, mask=_load_mask(mask, (H, W)), prompt=prompt)
+    req = Request(image=img, points=pairs, mask=mask, prompt=prompt,
+                  resized_from=input_size if img.size != input_size else None)
     req.latent_mask((H // latent_scale, W // latent_scale), "cpu")  # fail now, not after the LoRA fit
     if req.mask is not None:
         for i, ((hx, hy), _) in enumerate(pairs):

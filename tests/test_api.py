@@ -284,7 +284,7 @@ def test_cli_demo_writes_before_after(tmp_path, capsys):
     rc = cli.main(["demo", "--out", str(out), "--lora-steps", "2", "--n-pix-step", "2"])
     assert rc == 0
     img = Image.open(out)
-    assert img.size == (2 * 192 + 8, 128)
+    assert img.width == 2 * 192 + 8 and img.height > 128  # input | result, a legend below
     assert "RANDOM weights" in capsys.readouterr().out
 
 

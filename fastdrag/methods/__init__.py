@@ -12,6 +12,10 @@ from typing import Callable
 import torch
 
 METHODS: dict[str, Callable] = {}
+# name -> preflight(model, cfg, req): loads or checks what the method needs beyond the shared stages (CLIPDrag's
+# CLIP model) and raises if it cannot. The API calls it before preparation, so that no failure comes after the
+# LoRA fit and the inversion; a method without one needs nothing more.
+PREFLIGHT: dict[str, Callable] = {}
 
 
 @dataclass
@@ -21,9 +25,14 @@ class MethodOutput:
     trace: dict = field(default_factory=dict)  # per-step records for tests and front ends
 
 
-def register(name: str):
+def _nothing_to_check(model, cfg, req) -> None:
+    return None
+
+
+def register(name: str, *, preflight: Callable | None = None):
     def deco(fn):
         METHODS[name] = fn
+        PREFLIGHT[name] = preflight or _nothing_to_check
         return fn
 
     return deco
@@ -34,4 +43,4 @@ def _load_all():
     from . import clipdrag  # noqa: F401
 
 
-__all__ = ["METHODS", "MethodOutput", "register"]
+__all__ = ["METHODS", "PREFLIGHT", "MethodOutput", "register"]

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..clip import ClipObjective, global_gradient
+from ..clip import ClipObjective, global_gradient, load_clip
 from ..pipeline import DragContext
 from . import MethodOutput, register
 from .dragdiffusion import drag_at_edit_timestep
@@ -23,15 +23,26 @@ from .dragdiffusion import drag_at_edit_timestep
 def clip_prompt(ctx: DragContext) -> str:
     """The text CLIP follows: the edit prompt, else the source prompt (official ui_utils); "" if both are empty.
     A whitespace-only edit prompt counts as empty, except with quirks="official"."""
-    edit = ctx.cfg.edit_prompt
-    if ctx.cfg.quirks == "official":
+    return _clip_prompt(ctx.cfg, ctx.req.prompt)
+
+
+def _clip_prompt(cfg, source_prompt: str) -> str:
+    edit = cfg.edit_prompt
+    if cfg.quirks == "official":
         # Released CLIPDrag, utils/ui_utils.py L220 (HEAD): `drag_prompt if drag_prompt != "" else lora_prompt`,
         # so " " is a prompt of its own.
-        return edit if edit != "" else ctx.req.prompt
-    return edit if edit.strip() else ctx.req.prompt
+        return edit if edit != "" else source_prompt
+    return edit if edit.strip() else source_prompt
 
 
-@register("clipdrag")
+def preflight(model, cfg, req) -> None:
+    """Load CLIP (cached for the run) before any UNet pass, so that an unavailable CLIP fails in a second, not after
+    the LoRA fit and the inversion. Nothing to load when CLIP will not run (no text to follow, quirks="fixed")."""
+    if cfg.quirks == "official" or _clip_prompt(cfg, req.prompt).strip():
+        load_clip(cfg.clip_model, model.device, model.dtype)
+
+
+@register("clipdrag", preflight=preflight)
 def run(ctx: DragContext) -> MethodOutput:
     cfg, model, sched = ctx.cfg, ctx.model, ctx.prep.schedule
     prompt = clip_prompt(ctx)
