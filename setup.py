@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="A lean, fast engine for point-based (drag) image editing on Stable Diffusion 1.5",
     python_requires=">=3.10",
-    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.assets"],
+    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.assets", "fastdrag.eval",
+              "fastdrag.eval.metrics"],
     package_dir={"fastdrag.kernels": "kernels"},
     package_data={"fastdrag.assets": ["*.png", "tiny_tokenizer/*"]},
     install_requires=[
