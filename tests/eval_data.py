@@ -28,7 +28,7 @@ def make_dragbench(root, samples=(("animals", "a1", 0), ("art_work", "b1", 1)), 
     return str(root)
 
 
-def make_drag100(root, names=("cat_2", "furniture_0"), size=(64, 64)):
+def make_drag100(root, names=("cat_2", "furniture_0"), size=(72, 72)):
     """Drag100: <sample>/original.jpg, mask.png (RGB, 255 = editable), points.json written as the GoodDrag UI
     writes it: {"points": [[x, y], ...]} (handle, target, ...), json.dump's default separators."""
     root, (h, w) = str(root), size
@@ -37,7 +37,7 @@ def make_drag100(root, names=("cat_2", "furniture_0"), size=(64, 64)):
         os.makedirs(d)
         Image.fromarray(smooth_image(h, w, seed=10 + i)).save(os.path.join(d, "original.jpg"), quality=95)
         mask = np.zeros((h, w, 3), np.uint8)
-        mask[8:56, 8:56] = 255
+        mask[8:64, 8:64] = 255
         Image.fromarray(mask).save(os.path.join(d, "mask.png"))
         with open(os.path.join(d, "points.json"), "w") as f:
             json.dump({"points": [[30, 20], [36, 22], [40, 44], [34, 40]]}, f)

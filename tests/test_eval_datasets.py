@@ -25,7 +25,7 @@ def test_dragbench_layout_read_as_the_official_scripts(tmp_path):
 
 def test_drag100_layout_real_file_format(tmp_path):
     root = make_drag100(tmp_path / "d100")
-    # the real cat_2/points.json's exact text format, with points that fit this 64x64 image
+    # the real cat_2/points.json's exact text format, with points that fit this 72x72 image
     with open(os.path.join(root, "cat_2", "points.json"), "w") as f:
         f.write('{"points": [[47, 17], [52, 16], [10, 18], [16, 14]]}')
     assert ds.detect_layout(root) == ds.DRAG100
@@ -33,7 +33,7 @@ def test_drag100_layout_real_file_format(tmp_path):
     assert [r.id for r in refs] == ["cat_2", "furniture_0"] and refs[0].category is None
     s = ds.read_sample(refs[0])
     assert s.points == [((47.0, 17.0), (52.0, 16.0)), ((10.0, 18.0), (16.0, 14.0))]
-    assert s.prompt == "" and s.mask.shape == (64, 64) and s.mask[10, 10] and not s.mask[0, 0]
+    assert s.prompt == "" and s.mask.shape == (72, 72) and s.mask[10, 10] and not s.mask[0, 0]
 
 
 def test_empty_and_unknown_folders_are_errors(tmp_path):
