@@ -1,0 +1,109 @@
+"""Metrics against their definitions: DAI by hand, LPIPS / CLIP / DIFT on random stand-in networks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastdrag.errors import InvalidInputError, ModelLoadError
+from fastdrag.eval.metrics import dai as dai_mod
+from fastdrag.eval.metrics import lpips as lp
+
+from .conftest import smooth_image
+
+
+def test_dai_hand_computed():
+    a = np.zeros((10, 10, 3), np.uint8)
+    b = np.zeros((10, 10, 3), np.uint8)
+    b[5, 5] = 255  # one pixel, all three channels, at the first pair's target
+    b[2, 7, 0] = 51  # 0.2 in one channel at the second pair's target
+    pts = [((1, 1), (5, 5)), ((8, 8), (7, 2))]
+    out = dai_mod.dai(a, b, pts, 1)
+    total = 3 * 1.0 + 0.2 ** 2
+    assert out["dai_per_pair_r1"] == pytest.approx(total / 2 / 9)
+    assert out["dai_official_r1"] == pytest.approx(total / 2 / 9 / 2)
+    # r = 0 keeps only the centre pixels
+    assert dai_mod.dai(a, b, pts, 0)["dai_per_pair_r0"] == pytest.approx(total / 2)
+
+
+def test_dai_patch_leaving_the_image_is_an_error():
+    a = np.zeros((10, 10, 3), np.uint8)
+    with pytest.raises(InvalidInputError, match="radius-5 patch around the handle point \\(1, 1\\) leaves"):
+        dai_mod.dai(a, a, [((1, 1), (5, 5))], 5)
+    with pytest.raises(InvalidInputError, match="target point \\(9, 5\\)"):
+        dai_mod.dai(a, a, [((5, 5), (9, 5))], 1)
+    with pytest.raises(InvalidInputError, match="not on a pixel"):
+        dai_mod.dai(a, a, [((5.5, 5), (5, 5))], 1)
+
+
+def _random_lpips_files(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    alex = {}
+    for idx, i, o, k, _, _ in lp.ALEX_CONVS:
+        alex[f"features.{idx}.weight"] = torch.randn(o, i, k, k, generator=g) * (2.0 / (i * k * k)) ** 0.5
+        alex[f"features.{idx}.bias"] = torch.randn(o, generator=g) * 0.1
+    alex["classifier.1.weight"] = torch.zeros(2, 2)  # the rest of torchvision's file is ignored
+    lin = {f"lin{j}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for j, c in enumerate(lp.CHANNELS)}
+    torch.save(alex, tmp_path / "alexnet.pth")
+    torch.save(lin, tmp_path / "alex.pth")
+    return alex, lin
+
+
+def _lpips_reference(alex, lin, x0, x1):
+    """LPIPS v0.1 written out plainly from the paper / lpips package's definition."""
+    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+
+    def feats(x):
+        x = (x - shift) / scale
+        x = F.relu(F.conv2d(x, alex["features.0.weight"], alex["features.0.bias"], stride=4, padding=2))
+        r1 = x
+        x = F.relu(F.conv2d(F.max_pool2d(x, 3, 2), alex["features.3.weight"], alex["features.3.bias"], padding=2))
+        r2 = x
+        x = F.relu(F.conv2d(F.max_pool2d(x, 3, 2), alex["features.6.weight"], alex["features.6.bias"], padding=1))
+        r3 = x
+        x = F.relu(F.conv2d(x, alex["features.8.weight"], alex["features.8.bias"], padding=1))
+        r4 = x
+        x = F.relu(F.conv2d(x, alex["features.10.weight"], alex["features.10.bias"], padding=1))
+        return [r1, r2, r3, r4, x]
+
+    total = 0.0
+    for j, (a, b) in enumerate(zip(feats(x0), feats(x1))):
+        a = a / (torch.sqrt(torch.sum(a ** 2, dim=1, keepdim=True)) + 1e-10)
+        b = b / (torch.sqrt(torch.sum(b ** 2, dim=1, keepdim=True)) + 1e-10)
+        total = total + (F.conv2d((a - b) ** 2, lin[f"lin{j}.model.1.weight"])).mean(dim=[2, 3], keepdim=True)
+    return total.view(-1)
+
+
+def test_lpips_matches_its_definition_on_random_weights(tmp_path):
+    alex, lin = _random_lpips_files(tmp_path)
+    m = lp.LPIPSMetric(lpips_weights=str(tmp_path / "alex.pth"), alexnet_weights=str(tmp_path / "alexnet.pth"))
+    m.setup("cpu")
+    src, other = smooth_image(96, 80, seed=3), smooth_image(96, 80, seed=4)
+    got = m.score(type("S", (), {"image": src})(), Image.fromarray(other), {})
+    x0 = F.interpolate(torch.from_numpy(src).float().permute(2, 0, 1)[None] / 127.5 - 1, (224, 224),
+                       mode="bilinear")
+    x1 = F.interpolate(torch.from_numpy(other).float().permute(2, 0, 1)[None] / 127.5 - 1, (224, 224),
+                       mode="bilinear")
+    want = _lpips_reference(alex, lin, x0, x1).item()
+    assert want > 1e-3
+    assert got["lpips"] == pytest.approx(want, rel=1e-5)
+    assert got["if"] == pytest.approx(1 - want, rel=1e-5)
+    assert m.distance(src, Image.fromarray(src)) == 0.0
+    # an edit of another size is resized to the source first (PIL bilinear), as the official script
+    big = Image.fromarray(other).resize((160, 192), Image.BILINEAR)
+    back = np.array(big.resize((80, 96), Image.BILINEAR))
+    assert m.distance(src, big) == pytest.approx(m.distance(src, Image.fromarray(back)), rel=1e-6)
+
+
+def test_lpips_weight_files_checked(tmp_path):
+    _random_lpips_files(tmp_path)
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "short.pth")
+    with pytest.raises(ModelLoadError, match="no 'lin1.model.1.weight'"):
+        lp.LPIPSAlex().load_published(str(tmp_path / "alexnet.pth"), str(tmp_path / "short.pth"))
+    with pytest.raises(ModelLoadError, match="no file"):
+        lp.LPIPSAlex().load_published(str(tmp_path / "missing.pth"), str(tmp_path / "alex.pth"))
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 32, 1, 1)}, tmp_path / "bad.pth")
+    with pytest.raises(ModelLoadError, match="shape"):
+        lp.LPIPSAlex().load_published(str(tmp_path / "alexnet.pth"), str(tmp_path / "bad.pth"))
