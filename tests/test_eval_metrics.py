@@ -107,3 +107,39 @@ def test_lpips_weight_files_checked(tmp_path):
     torch.save({"lin0.model.1.weight": torch.zeros(1, 32, 1, 1)}, tmp_path / "bad.pth")
     with pytest.raises(ModelLoadError, match="shape"):
         lp.LPIPSAlex().load_published(str(tmp_path / "alexnet.pth"), str(tmp_path / "bad.pth"))
+
+
+def test_clip_preprocess_is_clips_transform():
+    from fastdrag.eval.metrics.clip_sim import MEAN, STD, clip_preprocess
+
+    img = Image.fromarray(smooth_image(60, 100, seed=5))  # 100 wide, 60 high
+    x = clip_preprocess(img)
+    assert x.shape == (1, 3, 224, 224)
+    # by hand: shorter side 60 -> 224, longer int(224 * 100 / 60) = 373, crop left round(74.5) = 74, top 0
+    r = np.array(img.resize((373, 224), Image.BICUBIC))[0:224, 74:298].astype(np.float32) / 255
+    want = (r - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), want, atol=1e-6)
+
+
+def test_clip_similarity_on_a_tiny_random_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from fastdrag.eval.metrics.clip_sim import CLIPSimilarityMetric, clip_preprocess
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=4, vocab_size=99),
+                                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=224, patch_size=32),
+                                 projection_dim=16))
+    model.save_pretrained(tmp_path / "clip")
+    m = CLIPSimilarityMetric(str(tmp_path / "clip"))
+    m.setup("cpu")
+    a, b = Image.fromarray(smooth_image(96, 80, seed=1)), Image.fromarray(smooth_image(96, 80, seed=2))
+    got = m.score(type("S", (), {"image": np.array(a)})(), b, {})["clip_sim"]
+    with torch.no_grad():
+        ea = model.visual_projection(model.vision_model(pixel_values=clip_preprocess(a)).pooler_output)
+        eb = model.visual_projection(model.vision_model(pixel_values=clip_preprocess(b)).pooler_output)
+    want = F.cosine_similarity(ea, eb).item()
+    assert got == pytest.approx(want, abs=1e-5) and abs(want) < 0.9999
+    assert m.similarity(a, a) == pytest.approx(1.0, abs=1e-5)
