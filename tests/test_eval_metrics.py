@@ -143,3 +143,84 @@ def test_clip_similarity_on_a_tiny_random_clip(tmp_path):
     want = F.cosine_similarity(ea, eb).item()
     assert got == pytest.approx(want, abs=1e-5) and abs(want) < 0.9999
     assert m.similarity(a, a) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2(tmp_path_factory):
+    """A tiny random SD-2-like model folder (linear-projection attention, v-prediction scheduler config)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastdrag.model import _tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("sd2") / "tiny-sd2"
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+                         use_linear_projection=True, norm_num_groups=16).save_pretrained(root / "unet")
+    AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                  ).save_pretrained(root / "text_encoder")
+    tok.save_pretrained(root / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(root / "scheduler")
+    return str(root)
+
+
+def test_dift_features_match_the_definition(tiny_sd2):
+    from fastdrag.eval.metrics.md import DiftFeaturizer
+
+    dift = DiftFeaturizer(tiny_sd2, "cpu")
+    img = torch.from_numpy(smooth_image(32, 40, seed=2)).float().div(255).sub(0.5).mul(2).permute(2, 0, 1)[None]
+    torch.manual_seed(7)
+    got = dift.features(img, "a cat", t=261, up_ft_index=1, ensemble=3)
+    # by hand: posterior sample, then randn_like, q(x_t | x_0) from alphas_cumprod, the full UNet pass, the block
+    torch.manual_seed(7)
+    x = img.repeat(3, 1, 1, 1)
+    lat = dift.vae.encode(x).latent_dist.sample() * dift.vae.config.scaling_factor
+    noise = torch.randn_like(lat)
+    a = dift.scheduler.alphas_cumprod[261]
+    noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+    ids = dift.tokenizer("a cat", padding="max_length", max_length=dift.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    emb = dift.text_encoder(ids).last_hidden_state.repeat(3, 1, 1)
+    seen = []
+    h = dift.unet.up_blocks[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        dift.unet(noisy, 261, encoder_hidden_states=emb)
+    h.remove()
+    want = seen[0].mean(0, keepdim=True)
+    assert got.shape == want.shape == (1, 32, 16, 20)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_match_distances_by_hand():
+    from fastdrag.eval.metrics.md import match_distances
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 8, 12, 16, generator=g)
+    edit = torch.roll(src, shifts=(2, 3), dims=(2, 3))  # content moved 3 px right, 2 px down
+    pts = [((5, 4), (8, 6)), ((5, 4), (5, 4)), ((10, 7), (12, 7))]
+    d = match_distances(src, edit, pts)
+    assert d == pytest.approx([0.0, np.hypot(3, 2), np.hypot(1, 2)])
+
+
+def test_md_is_zero_for_an_unedited_image(tiny_sd2):
+    from fastdrag.eval.metrics.md import MeanDistanceMetric
+
+    m = MeanDistanceMetric(tiny_sd2, ensemble=2)
+    m.setup("cpu")
+    img = smooth_image(32, 40, seed=3)
+    pts = [((10, 12), (10, 12)), ((30, 20), (30, 20))]
+    sample = type("S", (), {"id": "x/y", "image": img, "prompt": "p", "points": pts})()
+    out = m.score(sample, Image.fromarray(img), {})
+    assert out == {"md": 0.0, "md_pairs_sum": 0.0, "md_pairs_n": 2}
+    moved = [((10, 12), (14, 12)), ((30, 20), (30, 23))]
+    sample.points = moved
+    assert m.score(sample, Image.fromarray(img), {})["md"] == pytest.approx((4 + 3) / 2)

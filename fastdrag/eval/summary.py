@@ -72,14 +72,23 @@ def collect(run_dir: str, refs: list) -> dict:
     return {"rows": rows, "failures": failures, "pending": pending}
 
 
+def _means(rows: list, keys: list) -> dict:
+    out = {k: _mean([r["metrics"][k] for r in rows if k in r["metrics"]]) for k in keys}
+    pairs = [r["metrics"] for r in rows if "md_pairs_sum" in r["metrics"]]
+    if pairs:  # the official MD: one mean over every pair of the dataset
+        n = sum(m["md_pairs_n"] for m in pairs)
+        out["md_official"] = {"mean": sum(m["md_pairs_sum"] for m in pairs) / n, "n": len(pairs), "pairs": n}
+    return out
+
+
 def write_summary(run_dir: str, refs: list, run_config: dict, device: str | None = None) -> dict:
     c = collect(run_dir, refs)
     rows = c["rows"]
-    keys = sorted({k for r in rows for k in r["metrics"]})
-    overall = {k: _mean([r["metrics"][k] for r in rows if k in r["metrics"]]) for k in keys}
+    keys = sorted({k for r in rows for k in r["metrics"]} - {"md_pairs_sum", "md_pairs_n"})
+    overall = _means(rows, keys)
     cats = sorted({r["category"] for r in rows if r.get("category")})
-    per_cat = {cat: {k: _mean([r["metrics"][k] for r in rows if r.get("category") == cat and k in r["metrics"]])
-                     for k in keys} for cat in cats}
+    per_cat = {cat: _means([r for r in rows if r.get("category") == cat], keys) for cat in cats}
+    keys = sorted(overall)
     summary = {
         "counts": {"samples": len(refs), "done": len(rows), "failed": len({f["id"] for f in c["failures"]
                                                                           if f["phase"] == "edit"}),
