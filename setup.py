@@ -23,6 +23,6 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "ray>=2.40"], "eval": ["ray>=2.40"]},
     entry_points={"console_scripts": ["fastdrag=fastdrag.cli:main"]},
 )

@@ -89,3 +89,35 @@ def test_bad_samples_are_reported_not_fatal(tmp_path):
     errors = {f["id"]: f["error"] for f in s["failures"]}
     assert "3 points" in errors["animals/a2"] and "missing original_image.png" in errors["art_work/b1"]
     assert "animals/a2" in open(out / "summary.md").read()
+
+
+def test_sample_lora_passed_to_the_edit(tmp_path, monkeypatch):
+    import fastdrag
+
+    seen = []
+
+    class LoraEditor(fastdrag.Editor):
+        def edit(self, image, points, *, lora=None, **kw):
+            seen.append(lora)
+            return super().edit(image, points, **kw)
+
+    monkeypatch.setattr(fastdrag, "Editor", LoraEditor)
+    data = make_dragbench(tmp_path / "db", samples=(("animals", "a1", 0),), lora=True)
+    out = tmp_path / "run"
+    assert run(data, out, "--metrics", "", "--sample-lora", data + "_lora", "--sample-lora-steps", "80") == 0
+    assert seen == [os.path.join(data + "_lora", "animals", "a1", "80")]
+    assert store.read_json(os.path.join(out, "run.json"))["sample_lora_steps"] == 80
+
+
+def test_sample_lora_needs_an_editor_that_takes_lora(tmp_path, capsys, monkeypatch):
+    import fastdrag
+
+    class OldEditor(fastdrag.Editor):  # an installed fastdrag from before lora=
+        def edit(self, image, points, **kw):
+            raise AssertionError("must be refused before any edit")
+
+    monkeypatch.setattr(fastdrag, "Editor", OldEditor)
+    data = make_dragbench(tmp_path / "db", samples=(("animals", "a1", 0),), lora=True)
+    assert run(data, tmp_path / "run", "--sample-lora", data + "_lora") == 2
+    assert "--sample-lora needs a fastdrag whose Editor.edit accepts lora=FOLDER" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written

@@ -100,13 +100,12 @@ def test_sigkill_mid_run_then_resume(dataset, in_process):
     assert a["metrics"] == b["metrics"] and a["counts"] == b["counts"]
 
 
-ray = pytest.importorskip("ray") if os.environ.get("CI") else None
-
-
 def test_ray_two_local_workers_equal_in_process(dataset, in_process, tmp_path, monkeypatch):
     try:
         import ray as _ray
     except ImportError:
+        if os.environ.get("CI"):  # CI installs the test extra, which has ray: missing there is a failure
+            raise
         pytest.skip("ray is not installed (pip install 'fastdrag[eval]')")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
