@@ -17,3 +17,9 @@ class DyingWorker:
                 open(marker, "w").close()
                 os._exit(3)
         return {"id": ref.id, "status": "done", "pid": os.getpid()}
+
+
+def failing_worker():
+    from fastdrag.errors import ModelLoadError
+
+    raise ModelLoadError("no such model")

@@ -16,7 +16,7 @@ from fastdrag.eval import runner, store
 from fastdrag.eval.datasets import SampleRef
 
 from .eval_data import make_drag100
-from .eval_dying import DyingWorker
+from .eval_dying import DyingWorker, failing_worker
 from .test_eval_run import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +120,12 @@ def test_ray_two_local_workers_equal_in_process(dataset, in_process, tmp_path, m
     finally:
         _ray.shutdown()
     assert _outputs(out) == _outputs(in_process)
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_death(tmp_path):
+    from fastdrag.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no such model"):
+        runner.run_processes(failing_worker, _refs(2), str(tmp_path), lambda *a: None, 2,
+                             lambda *a: pytest.fail("reported as a death"))
+

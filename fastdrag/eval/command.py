@@ -51,7 +51,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dift-model", default="stabilityai/stable-diffusion-2-1", help="SD-2.1 id or folder for MD")
     p.add_argument("--md-seed-mode", default="per-sample", choices=("official", "per-sample"),
                    help="official: one seed for the whole run, order-dependent; per-sample: shard-independent")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (or Ray actors)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes on this machine, or Ray actors (default: 1; with --ray, one per GPU)")
     p.add_argument("--ray", default=None, metavar="ADDRESS", help="run the workers as Ray actors: 'local', 'auto' "
                                                                   "or a cluster address")
     p.add_argument("--ray-gpus", type=float, default=None, help="GPUs per Ray actor (default 1 if the cluster has "
@@ -90,16 +91,12 @@ def _dispatch(make, refs, run_dir, label, args, on_record_extra=None) -> None:
 
     try:
         if args.ray is not None:
-            n = args.workers
-            gpus = args.ray_gpus
-            if gpus is None:
-                import ray
-
-                if not ray.is_initialized():
-                    ray.init(address=None if args.ray == "local" else args.ray, log_to_driver=False)
-                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-            runner.run_ray(make, refs, run_dir, on_record, n, on_death, args.ray, gpus)
-        elif args.workers > 1:
+            ray = runner.init_ray(args.ray)
+            cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+            gpus = args.ray_gpus if args.ray_gpus is not None else (1.0 if cluster_gpus else 0.0)
+            n = args.workers or max(1, int(cluster_gpus // gpus) if gpus else 1)
+            runner.run_ray(make, refs, run_dir, on_record, n, on_death, gpus)
+        elif (args.workers or 1) > 1:
             runner.run_processes(make, refs, run_dir, on_record, args.workers, on_death)
         else:
             runner.run_in_process(make, refs, run_dir, on_record)
@@ -109,7 +106,7 @@ def _dispatch(make, refs, run_dir, label, args, on_record_extra=None) -> None:
 
 def run_eval(args, log=None) -> dict:
     log = log or sys.stderr
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     from ..cli import _overrides
 
@@ -123,7 +120,7 @@ def run_eval(args, log=None) -> dict:
 
         check_lora_support(fastdrag.Editor)
     mopts = metric_options(args) if args.phase in ("score", "all") else {}
-    distributed = args.workers > 1 or args.ray is not None
+    distributed = (args.workers or 1) > 1 or args.ray is not None
     if mopts.get("md", {}).get("seed_mode") == "official" and distributed:
         raise ConfigError("--md-seed-mode official draws one random stream in dataset order; it cannot be split "
                           "over workers: use --md-seed-mode per-sample or --workers 1")

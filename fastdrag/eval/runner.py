@@ -60,10 +60,15 @@ def run_in_process(make_worker: Callable, refs: list, run_dir: str, on_record: C
 
 def _pool_init(make_worker):
     global _WORKER
-    _WORKER = make_worker()
+    try:
+        _WORKER = make_worker()
+    except Exception as e:  # noqa: BLE001 - raised again by each task, so the driver sees the real error
+        _WORKER = e
 
 
 def _pool_run(ref, run_dir):
+    if isinstance(_WORKER, Exception):
+        raise _WORKER  # the worker could not start (a model that does not load, ...): not a death, an error
     return _WORKER.run(ref, run_dir)
 
 
@@ -108,10 +113,8 @@ def _retry_or_fail(ref, attempts, queue, on_death, why) -> None:
         on_death(ref, f"{why} on each of {attempts[ref.id]} attempts")
 
 
-def run_ray(make_worker: Callable, refs: list, run_dir: str, on_record: Callable, n: int, on_death: Callable,
-            address: str | None, num_gpus: float) -> None:
-    """`n` Ray actors (num_gpus each), each loading the models once, one sample in flight per actor. An actor that
-    dies (its node removed, its process killed) is replaced and its sample retried once."""
+def init_ray(address: str | None):
+    """Ray, connected: an existing session, a new local one ('local') or a cluster ('auto' or an address)."""
     try:
         import ray
     except ImportError:
@@ -120,6 +123,14 @@ def run_ray(make_worker: Callable, refs: list, run_dir: str, on_record: Callable
         raise ConfigError("--ray needs Ray: pip install 'fastdrag[eval]' (ray==2.60.0)") from None
     if not ray.is_initialized():
         ray.init(address=None if address in (None, "local") else address, log_to_driver=False)
+    return ray
+
+
+def run_ray(make_worker: Callable, refs: list, run_dir: str, on_record: Callable, n: int, on_death: Callable,
+            num_gpus: float) -> None:
+    """`n` Ray actors (num_gpus each), each loading the models once, one sample in flight per actor. An actor that
+    dies (its node removed, its process killed) is replaced and its sample retried once."""
+    import ray
 
     @ray.remote(num_gpus=num_gpus, max_restarts=0)
     class Worker:
@@ -144,9 +155,8 @@ def run_ray(make_worker: Callable, refs: list, run_dir: str, on_record: Callable
             ref, actor = inflight.pop(obj)
             try:
                 record = ray.get(obj)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.NodeDiedError if hasattr(ray.exceptions, "NodeDiedError") else ()):
-                _retry_or_fail(ref, attempts, queue, on_death, "its Ray worker died")
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                _retry_or_fail(ref, attempts, queue, on_death, f"its Ray worker died ({str(e).strip()[:300]})")
                 idle.append(Worker.remote(make_worker))  # a replacement, scheduled wherever resources remain
                 continue
             on_record(ref, record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import os
 import platform
 import subprocess
@@ -47,6 +48,10 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def _mean(values: list) -> dict:
     return {"mean": sum(values) / len(values) if values else None, "n": len(values)}
 
@@ -88,7 +93,7 @@ def write_summary(run_dir: str, refs: list, run_config: dict, device: str | None
     overall = _means(rows, keys)
     cats = sorted({r["category"] for r in rows if r.get("category")})
     per_cat = {cat: _means([r for r in rows if r.get("category") == cat], keys) for cat in cats}
-    keys = sorted(overall)
+    keys = sorted(overall, key=_natural)
     summary = {
         "counts": {"samples": len(refs), "done": len(rows), "failed": len({f["id"] for f in c["failures"]
                                                                           if f["phase"] == "edit"}),
