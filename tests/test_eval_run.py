@@ -121,3 +121,15 @@ def test_sample_lora_needs_an_editor_that_takes_lora(tmp_path, capsys, monkeypat
     assert run(data, tmp_path / "run", "--sample-lora", data + "_lora") == 2
     assert "--sample-lora needs a fastdrag whose Editor.edit accepts lora=FOLDER" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
+
+
+def test_score_phase_alone_resumes_and_retries_errors(drag100_run, capsys):
+    data, out = drag100_run
+    mpath = os.path.join(store.sample_dir(str(out), "cat_2"), "metrics.json")
+    kept = os.path.getmtime(os.path.join(store.sample_dir(str(out), "furniture_0"), "metrics.json"))
+    stored = store.read_json(mpath)
+    store.atomic_write_json(mpath, {"dai": {"error": "InvalidInputError: from an earlier run"}})
+    assert run(data, out, "--phase", "score") == 0
+    assert "scoring dai on 1 samples" in capsys.readouterr().err  # the errored one only; nothing edited
+    assert store.read_json(mpath) == stored
+    assert os.path.getmtime(os.path.join(store.sample_dir(str(out), "furniture_0"), "metrics.json")) == kept
