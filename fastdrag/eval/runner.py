@@ -72,38 +72,60 @@ def _pool_run(ref, run_dir):
     return _WORKER.run(ref, run_dir)
 
 
-def run_processes(make_worker: Callable, refs: list, run_dir: str, on_record: Callable, n: int,
-                  on_death: Callable) -> None:
-    """`n` spawned processes, each loading the models once; at most one sample in flight per process. A process
-    that dies breaks the pool: its in-flight samples are retried once in a fresh pool."""
+def _run_pool(make_worker, queue: list, run_dir: str, on_record: Callable, n: int) -> list:
+    """Run `queue` (popped as submitted) on a fresh pool of `n` processes until it is empty or the pool breaks;
+    returns the samples that were in flight when it broke (empty: all done)."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
+    suspects = []
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                             initargs=(make_worker,)) as pool:
+        inflight = {}
+        while (queue or inflight) and not suspects:
+            while queue and len(inflight) < n:
+                ref = queue.pop(0)
+                inflight[pool.submit(_pool_run, ref, run_dir)] = ref
+            finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                ref = inflight.pop(fut)
+                try:
+                    record = fut.result()
+                except BrokenProcessPool:
+                    suspects.append(ref)
+                    continue
+                on_record(ref, record)
+        if suspects:
+            suspects += list(inflight.values())
+            pool.shutdown(wait=False, cancel_futures=True)
+    return suspects
+
+
+def run_processes(make_worker: Callable, refs: list, run_dir: str, on_record: Callable, n: int,
+                  on_death: Callable) -> None:
+    """`n` spawned processes, each loading the models once; at most one sample in flight per process. A process
+    that dies breaks the pool; which of the samples in flight killed it is unknown, so each of them runs again
+    alone in a one-process pool, where a death is its own: a sample is retried once after a death, then failed."""
     queue = list(refs)
-    attempts = {r.id: 0 for r in refs}
+    deaths = {r.id: 0 for r in refs}
+
+    def died(ref) -> bool:
+        deaths[ref.id] += 1
+        if deaths[ref.id] >= MAX_ATTEMPTS:
+            on_death(ref, f"its worker process died on each of {deaths[ref.id]} attempts")
+            return False
+        return True
+
     while queue:
-        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_pool_init,
-                                 initargs=(make_worker,)) as pool:
-            inflight = {}
-            broken = False
-            while (queue or inflight) and not broken:
-                while queue and len(inflight) < n:
-                    ref = queue.pop(0)
-                    attempts[ref.id] += 1
-                    inflight[pool.submit(_pool_run, ref, run_dir)] = ref
-                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    ref = inflight.pop(fut)
-                    try:
-                        on_record(ref, fut.result())
-                    except BrokenProcessPool:
-                        broken = True
-                        _retry_or_fail(ref, attempts, queue, on_death, "its worker process died")
-            if broken:
-                for fut, ref in inflight.items():
-                    _retry_or_fail(ref, attempts, queue, on_death, "its worker process died")
-                pool.shutdown(wait=False, cancel_futures=True)
+        suspects = _run_pool(make_worker, queue, run_dir, on_record, n)
+        if len(suspects) == 1:
+            if died(suspects[0]):
+                queue.insert(0, suspects[0])
+            continue
+        for ref in suspects:
+            while _run_pool(make_worker, [ref], run_dir, on_record, 1) and died(ref):
+                pass
 
 
 def _retry_or_fail(ref, attempts, queue, on_death, why) -> None:
