@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="A lean, fast engine for point-based (drag) image editing on Stable Diffusion 1.5",
     python_requires=">=3.10",
-    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.benchmarks", "fastdrag.assets"],
+    packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.benchmarks", "fastdrag.assets",
+              "fastdrag.eval", "fastdrag.eval.metrics"],
     package_dir={"fastdrag.kernels": "kernels", "fastdrag.benchmarks": "benchmarks"},  # `fastdrag bench` runs them
     package_data={"fastdrag.assets": ["*.png", "tiny_tokenizer/*"]},
     install_requires=[
@@ -22,6 +23,6 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "ray>=2.40"], "eval": ["ray>=2.40"]},
     entry_points={"console_scripts": ["fastdrag=fastdrag.cli:main"]},
 )

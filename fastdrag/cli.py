@@ -375,6 +375,11 @@ def main(argv=None) -> int:
     pd.add_argument("--out", default="demo.png")
     common(pd, "tiny")
 
+    pv = sub.add_parser("eval", help="run a method over DragBench or Drag100 and score it (resumable)")
+    from .eval.command import add_eval_arguments
+
+    add_eval_arguments(pv)
+
     pb = sub.add_parser("bench", help="benchmarks: latency per stage and the fast-path waterfall; the Triton kernels",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Run a benchmark (the package fastdrag.benchmarks; from a checkout also "
@@ -393,6 +398,10 @@ def main(argv=None) -> int:
             args.side_by_side = True
             image = str(resources.files("fastdrag.assets") / "demo.png")
             return _run_edit(args, image, DEMO_POINTS, None)
+        if args.cmd == "eval":
+            from .eval.command import run_eval
+
+            return 1 if run_eval(args)["failures"] else 0
         if args.cmd == "bench":
             return bench[args.benchmark].run_main(args)
     except FastDragError as e:
