@@ -300,8 +300,9 @@ def count_method(method: str, masked: bool, steps: int = 1, n_inference_step: in
     ctx = DragContext(model=model, cfg=cfg, req=_request(size, masked), prep=prep, ops=fast_ops, lazy_upsample=True,
                       reporter=rep)
     try:
-        with host_reads_answer_false():
+        with host_reads_answer_false(), Counter() as whole:
             METHODS[method](ctx)
     finally:
         ctx.unet_features.close()
+    rep.flops["all"] = whole.get_total_flops()  # the stages and anything between them (a reference pass)
     return rep
