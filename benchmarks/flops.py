@@ -306,3 +306,70 @@ def count_method(method: str, masked: bool, steps: int = 1, n_inference_step: in
         ctx.unet_features.close()
     rep.flops["all"] = whole.get_total_flops()  # the stages and anything between them (a reference pass)
     return rep
+
+
+def count_call(fn) -> float:
+    with Counter() as c:
+        fn()
+    return c.get_total_flops()
+
+
+def edit_table(size: int = 512, methods=("dragdiffusion", "gooddrag", "dragtext", "clipdrag")) -> dict:
+    """TFLOP per stage of one edit with each method's official defaults, counted (unit costs counted on the meta
+    SD-1.5, times the stage's step counts) beside the floor (analytic UNet passes; the VAE and CLIP parts, which
+    have no analytic model here, at their counted cost)."""
+    from fastdrag.config import make_config
+    from fastdrag.ddim import Schedule
+
+    model = meta_model()
+    lat = size // model.vae_scale
+    cfg_u = dict(model.unet.config)
+    F = 2 * unet_forward_macs(cfg_u, lat, lat)["total"]
+    x = torch.empty(1, 3, size, size, device="meta")
+    z = torch.empty(1, 4, lat, lat, device="meta")
+    enc = count_call(lambda: model.vae.encode(x))
+    dec = count_call(lambda: model.vae.decode(z))
+    lora1 = count_prepare(lora_steps=1, size=size).flops["lora"] - enc  # one step (the encode happens once)
+    out = {}
+    for method in methods:
+        cfg = make_config(method)
+        sched = Schedule.make(model.scheduler, cfg.n_inference_step, cfg.inversion_strength)
+        n_inv, n_den = len(sched.inversion_timesteps), len(sched.denoise_timesteps)
+        if method == "gooddrag":
+            n_ref, n_drag = cfg.drag_end_step, cfg.drag_end_step * cfg.track_per_step * cfg.max_drag_per_track
+        else:
+            n_ref, n_drag = 0, cfg.n_pix_step
+        for masked in (False, True):
+            rep = count_method(method, masked, steps=1, size=size)
+            den_step = rep.flops["denoise"] / max(1, len(Schedule.make(model.scheduler, 2, cfg.inversion_strength)
+                                                       .denoise_timesteps))
+            ref = n_ref and F  # GoodDrag's unedited trajectory, one full forward per drag timestep
+            step = rep.flops["all"] - rep.flops["denoise"] - (F if n_ref else 0)
+            floor_step = drag_step_flops(cfg_u, lat, lat, masked=masked)
+            extra = step - floor_step if method in ("dragtext", "clipdrag") else 0.0  # text backward, CLIP pass
+            counted = {"lora": cfg.lora_steps * lora1 + enc, "invert": n_inv * F, "drag": n_ref * ref + n_drag * step,
+                       "denoise": n_den * den_step, "decode": dec}
+            floor = {"lora": cfg.lora_steps * lora1 + enc, "invert": n_inv * F,
+                     "drag": n_ref * F + n_drag * (floor_step + extra), "denoise": n_den * 4 * F / 2,
+                     "decode": dec}
+            counted["total"], floor["total"] = sum(counted.values()), sum(floor.values())
+            out[(method, masked)] = {"counted": counted, "floor": floor, "step": step, "floor_step": floor_step}
+    return out
+
+
+def main() -> int:
+    rows = edit_table()
+    print("TFLOP per edit (official defaults, 512x512), counted on the meta-device SD-1.5 / floor")
+    print(f"{'method':14s} {'mask':5s} " + " ".join(f"{k:>15s}" for k in ("lora", "invert", "drag", "denoise",
+                                                                       "decode", "total", "per drag step")))
+    for (method, masked), r in rows.items():
+        c, f = r["counted"], r["floor"]
+        cells = [f"{c[k] / 1e12:7.1f}/{f[k] / 1e12:<7.1f}" for k in ("lora", "invert", "drag", "denoise", "decode",
+                                                                       "total")]
+        cells.append(f"{r['step'] / 1e12:7.2f}/{r['floor_step'] / 1e12:<7.2f}")
+        print(f"{method:14s} {str(masked):5s} " + " ".join(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
