@@ -315,9 +315,10 @@ def count_call(fn) -> float:
 
 
 def edit_table(size: int = 512, methods=("dragdiffusion", "gooddrag", "dragtext", "clipdrag")) -> dict:
-    """TFLOP per stage of one edit with each method's official defaults, counted (unit costs counted on the meta
-    SD-1.5, times the stage's step counts) beside the floor (analytic UNet passes; the VAE and CLIP parts, which
-    have no analytic model here, at their counted cost)."""
+    """FLOPs per stage of one edit with each method's official defaults, counted (unit costs counted on the meta
+    SD-1.5: one LoRA step, one inversion step, one drag step, one denoising step, the encode and the decode, times
+    the stage's step counts) beside the floor: the UNet passes analytic (unet_forward_macs); the LoRA step, the VAE,
+    DragText's text backward and CLIPDrag's CLIP term, which have no analytic model here, at their counted cost."""
     from fastdrag.config import make_config
     from fastdrag.ddim import Schedule
 
@@ -329,7 +330,9 @@ def edit_table(size: int = 512, methods=("dragdiffusion", "gooddrag", "dragtext"
     z = torch.empty(1, 4, lat, lat, device="meta")
     enc = count_call(lambda: model.vae.encode(x))
     dec = count_call(lambda: model.vae.decode(z))
-    lora1 = count_prepare(lora_steps=1, size=size).flops["lora"] - enc  # one step (the encode happens once)
+    prep = count_prepare(lora_steps=1, n_inference_step=2, size=size)  # one LoRA step, one inversion step
+    lora1 = prep.flops["lora"] - enc  # the native-size image's one encode happens inside the fit
+    inv1 = prep.flops["invert"]
     out = {}
     for method in methods:
         cfg = make_config(method)
@@ -347,7 +350,7 @@ def edit_table(size: int = 512, methods=("dragdiffusion", "gooddrag", "dragtext"
             step = rep.flops["all"] - rep.flops["denoise"] - (F if n_ref else 0)
             floor_step = drag_step_flops(cfg_u, lat, lat, masked=masked)
             extra = step - floor_step if method in ("dragtext", "clipdrag") else 0.0  # text backward, CLIP pass
-            counted = {"lora": cfg.lora_steps * lora1 + enc, "invert": n_inv * F, "drag": n_ref * ref + n_drag * step,
+            counted = {"lora": cfg.lora_steps * lora1 + enc, "invert": n_inv * inv1, "drag": n_ref * ref + n_drag * step,
                        "denoise": n_den * den_step, "decode": dec}
             floor = {"lora": cfg.lora_steps * lora1 + enc, "invert": n_inv * F,
                      "drag": n_ref * F + n_drag * (floor_step + extra), "denoise": n_den * 4 * F / 2,
