@@ -1,10 +1,22 @@
-"""Analytic FLOPs of the SD-1.x UNet (conv, linear and attention matmuls; norms and activations ignored).
+"""FLOPs of fastdrag's stages: analytic (the floor) and counted (what fastdrag's code computes).
 
-Counted from a diffusers UNet2DConditionModel config, so it follows the model it is given. For SD-1.5 at a 64x64
-latent it gives 401.6 GMAC = 0.80 TFLOP per forward (the spec's anchors.md derives the same figure).
+    python -m benchmarks.flops      # TFLOP per stage and per drag step, every method, with and without a mask
+
+Analytic: the SD-1.x UNet's conv, linear and attention matmuls (norms and activations ignored) from a diffusers
+UNet2DConditionModel config, so it follows the model it is given. For SD-1.5 at a 64x64 latent it gives 401.6 GMAC
+= 0.80 TFLOP per forward (the spec's anchors.md derives the same figure). Counted: fastdrag's own stages run on the
+SD-1.5 architecture built on the meta device (shapes, no values, no compute: seconds on a CPU) under
+torch.utils.flop_counter.FlopCounterMode. tests/test_flops.py holds the two equal.
 """
 
 from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def unet_forward_macs(cfg: dict, h: int, w: int, text_len: int = 77, batch: int = 1,
@@ -106,17 +118,7 @@ def drag_step_flops(cfg: dict, h: int, w: int, feature_idx: int = 3, masked: boo
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Counted: fastdrag's own stages run on the SD-1.5 architecture built on the meta device (shapes, no values, no
-# compute), under torch.utils.flop_counter.FlopCounterMode; and the analytic floor of each, beside it.
-#
-#     python -m benchmarks.flops            # the table: per stage and method, with and without a mask (seconds)
-
-import collections  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+# Counted, on the meta device
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
