@@ -273,9 +273,10 @@ def count_prepare(lora_steps: int = 1, n_inference_step: int = 2, size: int = 51
 
 
 def count_method(method: str, masked: bool, steps: int = 1, n_inference_step: int = 2, size: int = 512,
-                 **overrides):
+                 denoise: bool = True, **overrides):
     """Counted FLOPs per stage of one method's run (drag with `steps` steps, denoise) on the meta SD-1.5, from a
-    prepared image (latents of the right shape, no values), with the fast path's ops and lazy upsample."""
+    prepared image (latents of the right shape, no values), with the fast path's ops and lazy upsample. With
+    denoise=False the denoising passes are skipped (their latents passed through): the drag alone, faster."""
     import fastdrag.kernels as fast_ops
     from fastdrag.config import make_config
     from fastdrag.ddim import Schedule
@@ -301,8 +302,19 @@ def count_method(method: str, masked: bool, steps: int = 1, n_inference_step: in
     rep = CountingReporter(model)
     ctx = DragContext(model=model, cfg=cfg, req=_request(size, masked), prep=prep, ops=fast_ops, lazy_upsample=True,
                       reporter=rep)
+    from unittest import mock
+
+    from fastdrag.methods import dragdiffusion, gooddrag
+
+    def no_denoise(model, z_ref, z_edit, *a, **k):
+        return z_ref, z_edit
+
+    skip = [mock.patch.object(mod, "denoise_pair", no_denoise) for mod in (dragdiffusion, gooddrag)] \
+        if not denoise else []
     try:
-        with host_reads_answer_false(), Counter() as whole:
+        with contextlib.ExitStack() as stack, host_reads_answer_false(), Counter() as whole:
+            for p in skip:
+                stack.enter_context(p)
             METHODS[method](ctx)
     finally:
         ctx.unet_features.close()

@@ -223,7 +223,7 @@ LAT = 64  # 512x512 image
 
 def check_drag_step(method: str, masked: bool):
     """One drag step of `method`, counted, against its floor; no weight gradient anywhere in the drag stage."""
-    rep = bf.count_method(method, masked, steps=1)
+    rep = bf.count_method(method, masked, steps=1, denoise=False)
     floor = bf.drag_step_flops(bf.SD15, LAT, LAT, masked=masked)
     if method == "gooddrag":  # its unedited trajectory: one full forward per drag timestep (here one)
         floor += 2 * bf.unet_forward_macs(bf.SD15, LAT, LAT)["total"]
