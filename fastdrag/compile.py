@@ -19,8 +19,9 @@ class CompiledUNetFeatures(torch.nn.Module):
         self.eager = uf
         self.compiled = torch.compile(uf, fullgraph=True, dynamic=False, backend=backend)
 
-    def forward(self, z: torch.Tensor, t, c: torch.Tensor):
-        return (self.compiled if torch.is_grad_enabled() else self.eager)(z, t, c)
+    def forward(self, z: torch.Tensor, t, c: torch.Tensor, with_eps: bool = True):
+        # with_eps is a Python bool: the truncated pass (False) is its own graph, compiled at its first call
+        return (self.compiled if torch.is_grad_enabled() else self.eager)(z, t, c, with_eps=with_eps)
 
     def close(self):
         self.eager.close()

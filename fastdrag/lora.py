@@ -87,12 +87,15 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, lr: float, batch_size: int,
              rank: int, seed: int, autocast_dtype: torch.dtype | None = None, progress=None,
-             graphs: bool = False) -> dict:
+             graphs: bool = False, encoded: dict | None = None) -> dict:
     """Train a fresh LoRA on `image` and leave it active in model.unet. Returns its weights.
 
     The random draws (crops, posterior samples, noise, timesteps) come from one CPU generator, in the same order
     whatever the execution. With `graphs` the device work of a step (noising, UNet forward and backward, the
-    AdamW update) is replayed from a CUDA graph from the second step on; the draws travel in as tensors."""
+    AdamW update) is replayed from a CUDA graph from the second step on; the draws travel in as tensors.
+
+    `encoded`, if given, receives "mean": the VAE posterior mean of the whole image when the image is at the model's
+    native size (its one crop is the image itself, as pipeline.encode would see it), for prepare() to reuse."""
     unet, vae, device = model.unet, model.vae, model.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ensure_adapter(unet, rank, seed)
@@ -117,6 +120,9 @@ def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, l
                 dist = vae.encode(arr[None, :, top:top + res, left:left + res]).latent_dist
             posteriors[(top, left)] = (dist.mean, dist.std)
         return posteriors[(top, left)]
+
+    if encoded is not None and big.size == image.size == (res, res):  # resize to the same size is a copy
+        encoded["mean"] = posterior(0, 0)[0]
 
     cond = text_emb.expand(batch_size, -1, -1)
     # a captured graph cannot use autocast's weight-cast cache (it would replay casts of the first step's weights)

@@ -436,9 +436,11 @@ def decode(model, z: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
 
 
 def fitted_lora(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
-                autocast_dtype=None, graphs: bool = False, text_emb: torch.Tensor | None = None) -> dict | None:
+                autocast_dtype=None, graphs: bool = False, text_emb: torch.Tensor | None = None,
+                encoded: dict | None = None) -> dict | None:
     """The LoRA fitted to this image and prompt with these settings (None with lora_steps=0): from lora_cache, or
-    fitted (and left active in the UNet) and put there. text_emb: the prompt's embedding, if already computed."""
+    fitted (and left active in the UNet) and put there. text_emb: the prompt's embedding, if already computed.
+    encoded: a dict that a fit on a native-size image fills with its whole-image VAE encoding (see prepare)."""
     lkey = (req.image_digest(), req.prompt, seed, cfg.lora_steps, cfg.lora_lr, cfg.lora_batch_size, cfg.lora_rank,
             str(model.dtype))  # the fit runs through the base weights in the model's dtype
     if lora_cache is not None and lkey in lora_cache:
@@ -448,7 +450,8 @@ def fitted_lora(model, req: Request, cfg: BaseConfig, seed: int, reporter: Repor
             text_emb = model.encode_prompt(req.prompt) if text_emb is None else text_emb
             weights = lora_mod.fit_lora(model, req.image, text_emb, steps=cfg.lora_steps, lr=cfg.lora_lr,
                                         batch_size=cfg.lora_batch_size, rank=cfg.lora_rank, seed=seed,
-                                        autocast_dtype=autocast_dtype, progress=reporter, graphs=graphs)
+                                        autocast_dtype=autocast_dtype, progress=reporter, graphs=graphs,
+                                        encoded=encoded)
     else:
         weights = None
     if lora_cache is not None:
@@ -459,17 +462,19 @@ def fitted_lora(model, req: Request, cfg: BaseConfig, seed: int, reporter: Repor
 def prepare(model, req: Request, cfg: BaseConfig, seed: int, reporter: Reporter, *, lora_cache: dict | None = None,
             autocast_dtype=None, graphs: bool = False, loaded_lora: dict | None = None) -> Prepared:
     """LoRA fit (or reuse from lora_cache; or `loaded_lora`, weights read from a file, instead of either), VAE
-    encode and DDIM inversion for one image and prompt."""
+    encode and DDIM inversion for one image and prompt. An image at the model's native size is encoded once: the
+    LoRA fit's one crop is the whole image, and its encoding is reused."""
     text_emb = model.encode_prompt(req.prompt)
+    encoded: dict = {}
     if loaded_lora is not None:
         weights = loaded_lora
     else:
         weights = fitted_lora(model, req, cfg, seed, reporter, lora_cache=lora_cache, autocast_dtype=autocast_dtype,
-                              graphs=graphs, text_emb=text_emb)
+                              graphs=graphs, text_emb=text_emb, encoded=encoded)
     lora_mod.set_lora(model.unet, weights)
     schedule = Schedule.make(model.scheduler, cfg.n_inference_step, cfg.inversion_strength)
     with reporter.stage("invert"):
-        z0 = encode(model, req.image)
+        z0 = encoded["mean"] * model.scaling_factor if "mean" in encoded else encode(model, req.image)
         zt = invert(model, z0, text_emb, schedule, reporter, graphs=graphs)
     return Prepared(lora=weights, z0=z0, zt=zt, text_emb=text_emb, schedule=schedule)
 
@@ -535,6 +540,12 @@ def mask_term(schedule: Schedule, eps: torch.Tensor, t: int, z: torch.Tensor, x_
             return 0.0
         return (schedule.step(eps.float(), t, z) - x_prev0).abs().sum()
     return ((schedule.step(eps.float(), t, z) - x_prev0) * (1 - mask)).abs().sum()
+
+
+def loss_mask(cfg: BaseConfig, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask a drag loss reads: None where its mask term has weight lam = 0, so that nothing computes the term
+    (and the drag's UNet pass, whose eps only the term reads, stops after the feature block)."""
+    return None if cfg.lam == 0 else mask
 
 
 def reached_on_device(handles: torch.Tensor, targets: torch.Tensor, stop: float) -> torch.Tensor:

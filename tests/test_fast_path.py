@@ -52,18 +52,18 @@ def assert_same_trajectory(base, other):
 
 
 class LoopSpy:
-    """Counts, per edit, the iterations of the drag loop (UNet passes with a latent that requires grad; the cached
-    reference pass runs under no_grad) and the host reads of the stop flag (bool() of a tensor in optimize_latent)."""
+    """Counts, per edit, the iterations of the drag loop (UNet passes with a latent that requires grad; iteration 0's
+    serves as the reference pass) and the host reads of the stop flag (bool() of a tensor in optimize_latent)."""
 
     def __init__(self, monkeypatch):
         self.forwards = self.checks = 0
         spy = self
         real_forward, real_bool = UNetFeatures.forward, torch.Tensor.__bool__
 
-        def forward(uf, z, t, c):
+        def forward(uf, z, t, c, **kw):
             if z.requires_grad:
                 spy.forwards += 1
-            return real_forward(uf, z, t, c)
+            return real_forward(uf, z, t, c, **kw)
 
         def to_bool(tensor):
             if sys._getframe(1).f_code is optimize_latent.__code__:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..compile import capture_graph, graph_warmup
-from ..pipeline import (DragContext, TextLeaf, denoise_pair, mask_term, masked_step, motion_step,
+from ..pipeline import (DragContext, TextLeaf, denoise_pair, loss_mask, mask_term, masked_step, motion_step,
                         reached_on_device)
 from . import MethodOutput, register
 
@@ -25,16 +25,22 @@ class LatentResult:
     c_edit: torch.Tensor  # text embedding for the edited branch (c, or the optimized c_hat)
     handles: torch.Tensor
     trace: dict = field(default_factory=dict)
+    reference: tuple | None = None  # (feat0, x_prev0) taken from iteration 0's forward (optimize_latent's feat0=None)
 
 
-@torch.no_grad()
-def reference_pass(ctx: DragContext, z: torch.Tensor, t: int, c: torch.Tensor):
-    """Features and one-step DDIM output of the un-optimized latent: (feat [1,C,h,w], x_prev0). Cached."""
-    key = ("ref_pass", ctx.cfg.unet_feature_idx, t, ctx.model.dtype)
-    if key not in ctx.prep.extras:
-        eps, feat = ctx.unet_features(z, t, c)
-        ctx.prep.extras[key] = (feat, ctx.prep.schedule.step(eps, t, z))
-    return ctx.prep.extras[key]
+def _ref_key(ctx: DragContext, t: int) -> tuple:
+    return ("ref_pass", ctx.cfg.unet_feature_idx, t, ctx.model.dtype)
+
+
+def cached_reference(ctx: DragContext, t: int, need_x_prev: bool):
+    """The un-optimized latent's (feat [1,C,h,w], x_prev0 or None) from an earlier drag of the prepared image, or
+    None. There is no separate reference pass: a first drag takes it from its iteration 0, whose forward has the
+    same inputs (optimize_latent with feat0=None). x_prev0, the one-step DDIM output the mask term compares with,
+    exists only where a drag with a mask term computed it."""
+    ref = ctx.prep.extras.get(_ref_key(ctx, t))
+    if ref is None or (need_x_prev and ref[1] is None):
+        return None
+    return ref
 
 
 class StepRecords:
@@ -81,10 +87,10 @@ class LatentLoop:
         self.weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
         self.handles_init = handles.clone()
         self.handles = handles.clone()  # updated in place
-        F0, osz = ctx.features(feat0)
-        self.f0_ref = ops.sample_patches(F0, self.handles_init, 0, out_size=osz)[:, :, 0, 0]  # tracking: F0 at h0
-        self.ref_init = ops.sample_patches(F0, self.handles_init, r_m, out_size=osz) \
-            if ms_reference == "initial" else None
+        self.ms_reference, self.z_init, self.feat0 = ms_reference, z_init, feat0
+        self.f0_ref = self.ref_init = None
+        if feat0 is not None:
+            self._set_reference(feat0)
         self.z = z_init.detach().float().clone().requires_grad_(True)  # fp32 leaf whatever the model dtype
         self.opt = torch.optim.Adam([self.z], lr=cfg.latent_lr, capturable=capturable)
         self.text = TextLeaf(c, cfg, ctx.model.pad_idx(ctx.req.prompt), capturable=capturable) \
@@ -95,10 +101,25 @@ class LatentLoop:
         self.rec = StepRecords(n_steps, self.z.device)
         self._Fm = self._eps = self._osz = None
 
+    def _set_reference(self, feat0: torch.Tensor) -> None:
+        ops = self.ctx.ops
+        F0, osz = self.ctx.features(feat0)
+        self.f0_ref = ops.sample_patches(F0, self.handles_init, 0, out_size=osz)[:, :, 0, 0]  # tracking: F0 at h0
+        self.ref_init = ops.sample_patches(F0, self.handles_init, self.r_m, out_size=osz) \
+            if self.ms_reference == "initial" else None
+
     def head(self, track: bool) -> None:
         ctx, dtype = self.ctx, self.ctx.model.dtype
         c = self.c if self.text is None else self.text.value.to(dtype)
-        self._eps, feat = ctx.unet_features(self.z.to(dtype), self.t, c)
+        # eps is read only by the mask term: without it the pass stops after the feature block
+        self._eps, feat = ctx.unet_features(self.z.to(dtype), self.t, c, with_eps=self.mask is not None)
+        if self.feat0 is None:
+            # Iteration 0 without a cached reference: this forward's inputs are the un-optimized latent, t and c,
+            # those of the reference pass, so its outputs are the reference (no second forward).
+            self.feat0 = feat.detach()
+            if self.mask is not None:
+                self.x_prev0 = ctx.prep.schedule.step(self._eps.detach(), self.t, self.z_init)
+            self._set_reference(self.feat0)
         self._Fm, self._osz = ctx.features(feat)
         if track:
             with torch.no_grad():
@@ -143,14 +164,17 @@ class LatentLoop:
         self.tail()
 
 
-def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.Tensor, feat0: torch.Tensor,
-                    x_prev0: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
+def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.Tensor,
+                    feat0: torch.Tensor | None, x_prev0: torch.Tensor | None, handles: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None,
                     n_steps: int, r_m: int, r_p: int, ms_reference: str = "current", step_cap: float | None = None,
                     closer_only: bool = False, ms_weight: float | None = None,
                     grad_transform: Callable | None = None, mask_always: bool = False) -> LatentResult:
     """The DragDiffusion latent loop. Per iteration: one UNet forward -> (from iteration 1 on) track handles
     -> stop if every handle is within stop_distance -> loss -> backward -> Adam.
 
+    feat0, x_prev0: the un-optimized latent's features and one-step DDIM output (cached_reference), or None: then
+    iteration 0's forward provides them, returned in LatentResult.reference. mask: None when the loss has no mask
+    term (pipeline.loss_mask); the UNet pass then stops after the feature block.
     ms_reference: "current" (DragDiffusion: sg(F) at the current handle) or "initial" (GoodDrag/CLIPDrag: F0 at
     the initial handle). step_cap: None for a unit step, else min(cap, dist). grad_transform(z, g, records) -> g
     rewrites the latent gradient before the Adam step (CLIPDrag's fusion); it may records.put(name, tensor).
@@ -192,7 +216,9 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
     trace.update(handles=rec.series("handles", iters), steps=int(live.sum()), handles_init=loop.handles_init,
                  f0_ref=loop.f0_ref, cuda_graph=graph is not None)
     c_edit = c if loop.text is None else loop.text.value.detach()
-    return LatentResult(z=loop.z.detach(), c_edit=c_edit, handles=loop.handles.clone(), trace=trace)
+    reference = (loop.feat0, loop.x_prev0) if feat0 is None and loop.feat0 is not None else None
+    return LatentResult(z=loop.z.detach(), c_edit=c_edit, handles=loop.handles.clone(), trace=trace,
+                        reference=reference)
 
 
 def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
@@ -201,11 +227,13 @@ def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
     sched = prep.schedule
     t = sched.t_edit
     handles, targets = ctx.req.feature_points(ctx.device)
-    mask = ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device)
-    feat0, x_prev0 = reference_pass(ctx, prep.zt, t, prep.text_emb)
+    mask = loss_mask(cfg, ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device))
+    feat0, x_prev0 = cached_reference(ctx, t, need_x_prev=mask is not None) or (None, None)
     with ctx.reporter.stage("drag"):
         res = optimize_latent(ctx, z_init=prep.zt, t=t, c=prep.text_emb, feat0=feat0, x_prev0=x_prev0,
                               handles=handles, targets=targets, mask=mask, **loop_kwargs)
+    if res.reference is not None:
+        prep.extras[_ref_key(ctx, t)] = res.reference
     with ctx.reporter.stage("denoise"):
         _, z = denoise_pair(model, prep.zt, res.z.to(model.dtype), prep.text_emb, res.c_edit.to(model.dtype),
                             sched.denoise_timesteps, mutual=True, start_step=cfg.start_step,

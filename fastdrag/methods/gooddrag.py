@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..pipeline import DragContext, TextLeaf, denoise_pair, mask_term, masked_step, motion_step, reached
+from ..pipeline import DragContext, TextLeaf, denoise_pair, loss_mask, mask_term, masked_step, motion_step, reached
 from . import MethodOutput, register
 
 
@@ -104,7 +104,8 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
     done = False
     active = d = None
     while track_num < cfg.track_per_step:
-        eps, feat = ctx.unet_features(z.to(dtype), t, c if text is None else text.value.to(dtype))
+        eps, feat = ctx.unet_features(z.to(dtype), t, c if text is None else text.value.to(dtype),
+                                      with_eps=mask is not None)  # eps: the mask term's only
         Fm, osz = ctx.features(feat)
         if first:
             # Re-locate the handles after the previous denoise step, with this forward's features; this update
@@ -168,7 +169,7 @@ def run(ctx: DragContext) -> MethodOutput:
     n_drag = cfg.drag_end_step  # <= len(timesteps): the config checks it
     handles, targets = ctx.req.feature_points(ctx.device)
     handles_init = handles.clone()
-    mask = ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device)
+    mask = loss_mask(cfg, ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device))
     c = prep.text_emb
     with ctx.reporter.stage("drag"):
         refs = reference_trajectory(ctx, handles_init, n_drag)
