@@ -83,7 +83,9 @@ class LatentLoop:
         cfg, ops = ctx.cfg, ctx.ops
         self.ctx, self.t, self.c, self.x_prev0, self.targets, self.mask = ctx, t, c, x_prev0, targets, mask
         self.r_m, self.r_p, self.step_cap, self.closer_only = r_m, r_p, step_cap, closer_only
-        self.grad_transform, self.mask_updates, self.mask_always = grad_transform, mask_updates, mask_always
+        self.grad_transform, self.mask_updates = grad_transform, mask_updates
+        self.mask_always = mask_always and cfg.lam != 0  # the mask term without a mask (official); lam = 0: no term
+        self.with_eps = mask is not None or self.mask_always  # eps is read only by the mask term
         self.weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
         self.handles_init = handles.clone()
         self.handles = handles.clone()  # updated in place
@@ -112,12 +114,12 @@ class LatentLoop:
         ctx, dtype = self.ctx, self.ctx.model.dtype
         c = self.c if self.text is None else self.text.value.to(dtype)
         # eps is read only by the mask term: without it the pass stops after the feature block
-        self._eps, feat = ctx.unet_features(self.z.to(dtype), self.t, c, with_eps=self.mask is not None)
+        self._eps, feat = ctx.unet_features(self.z.to(dtype), self.t, c, with_eps=self.with_eps)
         if self.feat0 is None:
             # Iteration 0 without a cached reference: this forward's inputs are the un-optimized latent, t and c,
             # those of the reference pass, so its outputs are the reference (no second forward).
             self.feat0 = feat.detach()
-            if self.mask is not None:
+            if self.with_eps:
                 self.x_prev0 = ctx.prep.schedule.step(self._eps.detach(), self.t, self.z_init)
             self._set_reference(self.feat0)
         self._Fm, self._osz = ctx.features(feat)
@@ -228,7 +230,8 @@ def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
     t = sched.t_edit
     handles, targets = ctx.req.feature_points(ctx.device)
     mask = loss_mask(cfg, ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device))
-    feat0, x_prev0 = cached_reference(ctx, t, need_x_prev=mask is not None) or (None, None)
+    need_x_prev = mask is not None or (loop_kwargs.get("mask_always", False) and cfg.lam != 0)
+    feat0, x_prev0 = cached_reference(ctx, t, need_x_prev=need_x_prev) or (None, None)
     with ctx.reporter.stage("drag"):
         res = optimize_latent(ctx, z_init=prep.zt, t=t, c=prep.text_emb, feat0=feat0, x_prev0=x_prev0,
                               handles=handles, targets=targets, mask=mask, **loop_kwargs)

@@ -86,6 +86,8 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
     cfg, ops, sched, dtype = ctx.cfg, ctx.ops, ctx.prep.schedule, ctx.model.dtype
     stop, r1, r2 = cfg.stop_distance, cfg.r1, cfg.r2
     official = cfg.quirks == "official"  # the released code's mask term and text gradient (docs/deviations.md)
+    term_always = official and cfg.lam != 0  # the mask term without a mask (official); lam = 0 computes no term
+    with_eps = mask is not None or term_always  # eps is read only by the mask term
     weight = float((2 * r1) ** 2)  # official (2 r1)^2, not the (2 r1 + 1)^2 patch size
 
     # fp32 leaves whatever the model's dtype (the official optimizes an fp32 latent under fp16 autocast)
@@ -105,7 +107,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
     active = d = None
     while track_num < cfg.track_per_step:
         eps, feat = ctx.unet_features(z.to(dtype), t, c if text is None else text.value.to(dtype),
-                                      with_eps=mask is not None)  # eps: the mask term's only
+                                      with_eps=with_eps)
         Fm, osz = ctx.features(feat)
         if first:
             # Re-locate the handles after the previous denoise step, with this forward's features; this update
@@ -126,7 +128,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
             break
         # IPMS: the unedited F0_t patch at the initial handle vs F1 sampled at h + d (bilinear).
         loss_ms = weight * (active * ops.patch_l1(Fm, ref.patches, handles + d, r1, out_size=osz)).sum()
-        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, ref.x_prev, mask, always=official)
+        loss = loss_ms + cfg.lam * mask_term(sched, eps, t, z, ref.x_prev, mask, always=term_always)
         if text is not None and official:
             # Released DragText, GoodDrag/pipeline.py (gooddrag_step, about L607-611): both grads are zeroed at the
             # top of the iteration, then the latent loss and the text loss are backpropagated in turn, so c_hat's
