@@ -120,7 +120,41 @@ class Editor:
     def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
              progress: Callable[[Progress], None] | None = None, preset: str | None = None,
              **overrides) -> EditResult:
-        """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
+        """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit.
+
+        `progress` may raise fastdrag.Cancelled to stop the edit; any exception out of an edit (a cancel, an error)
+        leaves the model (LoRA adapter and weights, merged weights, dtype) and this Editor's caches as they were
+        before the call."""
+        saved = self._save_state()
+        try:
+            return self._run(image, points, mask=mask, prompt=prompt, method=method, seed=seed, progress=progress,
+                             preset=preset, **overrides)
+        except BaseException:
+            self._restore_state(saved)
+            raise
+
+    def _save_state(self) -> tuple:
+        from .lora import get_lora
+
+        return (get_lora(self.model.unet), _adapters_enabled(self.model.unet), self.model.dtype,
+                OrderedDict(self._prepared), OrderedDict(self._loras), dict(self._compiled))
+
+    def _restore_state(self, saved: tuple) -> None:
+        from .lora import remove_adapter, set_lora
+
+        weights, enabled, dtype, prepared, loras, compiled = saved
+        unet = self.model.unet
+        if weights is None:
+            remove_adapter(unet)  # the interrupted call added it
+        else:
+            set_lora(unet, weights)
+            if not enabled:
+                unet.disable_adapters()
+        if self.model.dtype != dtype:
+            self.model.to(dtype=dtype)
+        self._prepared, self._loras, self._compiled = prepared, loras, compiled
+
+    def _run(self, image, points, *, mask, prompt, method, seed, progress, preset, **overrides) -> EditResult:
         _load_all()
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
@@ -132,7 +166,7 @@ class Editor:
         ex = resolve_execution(cfg, self.model)
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
-        reporter = Reporter(progress, self.model.device)
+        reporter = Reporter(progress, self.model.device, to_image=req.to_image_points)
         t0 = time.perf_counter()
         prep = self._prepare(req, cfg, seed, ex, reporter)
         uf = self._unet_pass(cfg.unet_feature_idx) if ex.compile_unet else UNetFeatures(self.model.unet,
@@ -153,6 +187,12 @@ class Editor:
         timings["total"] = time.perf_counter() - t0
         return EditResult(image=img, points=req.to_image_points(out.handles), timings=timings, method=method,
                           config=cfg, trace=out.trace)
+
+
+def _adapters_enabled(unet) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) and not m.disable_adapters for m in unet.modules())
 
 
 def _check_model(model) -> None:
