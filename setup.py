@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.assets"],
     package_dir={"fastdrag.kernels": "kernels"},
-    package_data={"fastdrag.assets": ["*.png", "tiny_tokenizer/*"]},
+    package_data={"fastdrag.assets": ["*.png", "*.js", "tiny_tokenizer/*"]},
     install_requires=[
         "torch>=2.4,<3",  # 2.13.0 here (CPU wheel), 2.11 on the GPU image
         "triton>=3.0",
@@ -22,6 +22,6 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "gradio>=6,<7", "playwright>=1.50"], "ui": ["gradio>=6,<7"]},
     entry_points={"console_scripts": ["fastdrag=fastdrag.cli:main"]},
 )

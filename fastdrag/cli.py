@@ -136,6 +136,11 @@ def _run_edit(args, image, points, mask) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ui"]:  # its own parser (fastdrag/ui.py), behind the optional gradio extra
+        from . import ui
+
+        return ui.main(argv[1:])
     ap = argparse.ArgumentParser(prog="fastdrag", description="Point-based (drag) image editing on SD-1.5.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
 
     pb = sub.add_parser("bench", help="latency benchmark (python -m benchmarks.latency)")
     pb.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sub.add_parser("ui", help="the web UI (pip install fastdrag[ui]); fastdrag ui --help for its options")
 
     args = ap.parse_args(argv)
     try:
