@@ -467,17 +467,18 @@ def build_app(model, *, defaults: dict | None = None, banner: str = ""):
             edit_prompt = gr.Textbox(label="edit prompt (CLIPDrag)", visible=False, elem_id="fd-edit-prompt")
         with gr.Accordion("advanced", open=False):
             with gr.Row():
-                adv = [gr.Number(label=label, precision=0 if is_int else None, elem_id=f"fd-opt-{name}")
-                       for name, label, is_int in ADVANCED]
+                start = option_defaults("dragdiffusion", None, defaults)
+                adv = [gr.Number(value=start.get(name), label=label, precision=0 if is_int else None,
+                                 visible=name in start, elem_id=f"fd-opt-{name}") for name, label, is_int in ADVANCED]
         with gr.Row():
             run_btn = gr.Button("Run", variant="primary", elem_id="fd-run")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="fd-stop")
             cont_btn = gr.Button("Continue from the result", elem_id="fd-continue")
             export_btn = gr.Button("Export session", elem_id="fd-export")
+        status = gr.HTML(status_html("Ready."), elem_id="fd-status-box")
         with gr.Row():
             import_file = gr.File(label="import a session (.json)", file_types=[".json"], elem_id="fd-import")
             export_file = gr.File(label="exported session", interactive=False, elem_id="fd-export-file")
-        status = gr.HTML(status_html("Ready."), elem_id="fd-status-box")
         # channels between the server and ui.js, rendered but hidden
         canvas_in = gr.Textbox(visible="hidden", elem_id="fd-canvas-in")
         canvas_state = gr.Textbox(visible="hidden", elem_id="fd-canvas-state")
@@ -498,7 +499,6 @@ def build_app(model, *, defaults: dict | None = None, banner: str = ""):
                          **private)
         upload.upload(on_upload, [upload, keep, sess], [sess, canvas_in, size_md], **private).then(**to_canvas)
         method.change(on_method, [method, preset], [preset, edit_prompt] + adv, **private)
-        app.load(on_method, [method, preset], [preset, edit_prompt] + adv, **private)
         settings_inputs = [method, preset, prompt, edit_prompt] + adv
         read_canvas = "(...a) => { a[0] = window.fastdrag.getState(); return a; }"
         run_btn.click(run_edit, [canvas_state, sess] + settings_inputs, [status, live, result, timings, files],
