@@ -269,7 +269,7 @@ def build_app(model, *, defaults: dict | None = None, banner: str = ""):
     js_code = (resources.files("fastdrag.assets") / "ui.js").read_text()
     head = f"<script>{js_code}</script>"
     css = """#fd-root .fd-bar button{margin:2px;padding:2px 8px;border:1px solid #999;border-radius:4px;background:#f4f4f4}
-#fd-root .fd-bar button.fd-on{background:#ffd54a} #fd-canvas{border:1px solid #ccc}
+#fd-root .fd-bar button.fd-on{background:#ffd54a} #fd-canvas{outline:1px solid #ccc}
 .fd-error{color:#b00020;font-weight:bold} #fd-progress{width:60%}"""
     defaults = dict(defaults or {})
     extra = {"clip_model": "tiny"} if getattr(model, "name", "") == "tiny" else {}  # CLIPDrag's CLIP, offline
@@ -539,6 +539,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="initial value of an advanced option, e.g. --set lora_steps=10 (repeatable)")
     args = ap.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("fastdrag ui: needs gradio: pip install -c constraints.txt 'fastdrag[ui]'")
+        return 2
     from .model import load_model
 
     try:

@@ -259,3 +259,18 @@ def test_two_sessions_at_once_get_their_own_results(browser, app_url, tmp_path, 
         assert np.abs(np.asarray(png, np.int16) - np.asarray(alone.image, np.int16)).mean() < 0.5
         assert np.allclose(info["final_handles"], alone.points)
         page.context.close()
+
+
+def test_http_endpoint_is_the_only_public_one(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    path = tmp_path / "in.png"
+    Image.fromarray(smooth_image(96, 128, seed=4)).save(path)
+    client = Client(app_url, verbose=False)
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/edit"]
+    out, info = client.predict(handle_file(str(path)), "[[[30, 30], [60, 40]]]", None, "dragdiffusion",
+                               json.dumps({"lora_steps": 1, "n_pix_step": 2, "n_inference_step": 10}), api_name="/edit")
+    assert Image.open(out).size == (128, 96)
+    assert len(json.loads(info)["points"]) == 1
+    with pytest.raises(Exception, match="equals its target"):
+        client.predict(handle_file(str(path)), "[[[30, 30], [30, 30]]]", None, "dragdiffusion", "{}", api_name="/edit")

@@ -7,11 +7,17 @@ window.fastdrag = (() => {
              live: null, down: false, last: null};
   let root = null, view = null, info = null;
 
-  // display (client) coordinates -> image pixel (x, y): pixel index along each axis, in [0, w) x [0, h)
+  // display (client) coordinates -> image pixel (x, y): pixel index along each axis, in [0, w) x [0, h); rect is
+  // the canvas's content box (inside any border)
   function toImage(clientX, clientY, rect, w, h) {
     const x = Math.floor((clientX - rect.left) * w / rect.width);
     const y = Math.floor((clientY - rect.top) * h / rect.height);
     return [Math.min(Math.max(x, 0), w - 1), Math.min(Math.max(y, 0), h - 1)];
+  }
+
+  function contentRect() {
+    const r = view.getBoundingClientRect();
+    return {left: r.left + view.clientLeft, top: r.top + view.clientTop, width: view.clientWidth, height: view.clientHeight};
   }
 
   function el(tag, attrs, text) {
@@ -75,7 +81,7 @@ window.fastdrag = (() => {
 
   function onDown(e) {
     if (!S.img) return;
-    const p = toImage(e.clientX, e.clientY, view.getBoundingClientRect(), S.w, S.h);
+    const p = toImage(e.clientX, e.clientY, contentRect(), S.w, S.h);
     if (S.mode === "points") { S.points.push(p); S.live = null; }
     else { S.down = true; S.last = null; paint(p); view.setPointerCapture(e.pointerId); }
     draw();
@@ -83,7 +89,7 @@ window.fastdrag = (() => {
 
   function onMove(e) {
     if (!S.down || S.mode !== "mask") return;
-    paint(toImage(e.clientX, e.clientY, view.getBoundingClientRect(), S.w, S.h));
+    paint(toImage(e.clientX, e.clientY, contentRect(), S.w, S.h));
     draw();
   }
 
