@@ -300,10 +300,9 @@ def build_app(model, *, defaults: dict | None = None, banner: str = ""):
         ups += [gr.update(visible=name in shown, value=vals.get(name)) for name, _, _ in ADVANCED]
         return ups
 
-    def on_stop(sess):
+    def on_stop(sess):  # no output: a "stopping" status could land after the run's own "Stopped"
         if sess is not None:
             sess["cancel"].set()
-        return status_html("Stopping...")
 
     def on_continue(sess):
         if sess is None or sess.get("result") is None:
@@ -504,7 +503,7 @@ def build_app(model, *, defaults: dict | None = None, banner: str = ""):
         run_btn.click(run_edit, [canvas_state, sess] + settings_inputs, [status, live, result, timings, files],
                       js=read_canvas, **engine, **private)
         live.change(None, [live], None, js="(j) => { window.fastdrag.setLive(j); }", **private)
-        stop_btn.click(on_stop, [sess], [status], concurrency_limit=None, **private)
+        stop_btn.click(on_stop, [sess], None, concurrency_limit=None, **private)
         cont_btn.click(on_continue, [sess], [sess, canvas_in, status], **private).then(**to_canvas)
         export_btn.click(on_export, [canvas_state, sess] + settings_inputs, [export_file, status], js=read_canvas,
                          **private)

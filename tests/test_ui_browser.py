@@ -106,6 +106,7 @@ def _upload(page, path, keep=True):
 
 
 def _scale(page):
+    page.locator("#fd-canvas").scroll_into_view_if_needed()  # mouse coordinates are the viewport's
     box = page.locator("#fd-canvas").bounding_box()
     return box, box["width"] / page.evaluate("window.fastdrag.state.w")
 
@@ -117,8 +118,8 @@ def _click(page, x, y):
 
 
 def _stroke(page, a, b):
-    box, s = _scale(page)
     page.click("#fd-mode-mask")
+    box, s = _scale(page)
     page.mouse.move(box["x"] + (a[0] + 0.5) * s, box["y"] + (a[1] + 0.5) * s)
     page.mouse.down()
     for t in np.linspace(0, 1, 8):
@@ -274,3 +275,54 @@ def test_http_endpoint_is_the_only_public_one(app_url, tmp_path):
     assert len(json.loads(info)["points"]) == 1
     with pytest.raises(Exception, match="equals its target"):
         client.predict(handle_file(str(path)), "[[[30, 30], [30, 30]]]", None, "dragdiffusion", "{}", api_name="/edit")
+
+
+def _data_url_array(url):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_stop_continue_export_import(browser, app_url, tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(smooth_image(96, 128, seed=5)).save(path)
+    page = _page(browser, app_url)
+    _upload(page, path)
+    _click(page, 30, 30)
+    _click(page, 70, 40)
+    page.get_by_text("advanced").click()
+    steps = page.locator("#fd-opt-n_pix_step input")
+    steps.fill("2000")
+    steps.press("Tab")
+    _start(page)
+    page.wait_for_function("/drag \\d+\\/2000/.test(document.querySelector('#fd-status').textContent)",
+                           timeout=300_000)
+    page.click("#fd-stop")
+    page.wait_for_function("/Stopped/.test(document.querySelector('#fd-status').textContent)", timeout=120_000)
+    steps.fill("2")
+    steps.press("Tab")
+    _run(page)
+    info, png = _result(page)
+    assert info["timings"]["lora"] > 0  # the stopped run left no cache entry behind
+
+    page.click("#fd-continue")  # the result becomes the input
+    page.wait_for_function("window.fastdrag.state.points.length === 0 && window.fastdrag.state.img.src !== ''")
+    page.wait_for_function("document.querySelector('#fd-status').textContent.includes('new input')")
+    assert np.array_equal(_data_url_array(page.evaluate("window.fastdrag.state.img.src")), np.asarray(png.convert("RGB")))
+    _click(page, 50, 50)
+    _click(page, 80, 50)
+    page.click("#fd-export")
+    link = page.locator("#fd-export-file a")
+    link.first.wait_for(timeout=60_000)
+    data = json.loads(page.request.get(link.first.get_attribute("href")).body())
+    assert data["points"] == [[50, 50], [80, 50]] and data["settings"]["options"]["n_pix_step"] == 2
+    assert np.array_equal(_data_url_array(data["image"]), np.asarray(png.convert("RGB")))
+    saved = tmp_path / "session.json"
+    saved.write_text(json.dumps(data))
+    page.context.close()
+
+    other = _page(browser, app_url)
+    other.set_input_files("#fd-import input[type=file]", str(saved))
+    other.wait_for_function("window.fastdrag.state.points.length === 2", timeout=120_000)
+    assert other.evaluate("window.fastdrag.state.points") == [[50, 50], [80, 50]]
+    assert np.array_equal(_data_url_array(other.evaluate("window.fastdrag.state.img.src")),
+                          np.asarray(png.convert("RGB")))
+    other.context.close()
