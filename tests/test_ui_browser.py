@@ -192,6 +192,7 @@ def test_edit_redrag_and_what_the_engine_received(browser, app_url, wide_png, tm
     _run(page)
     info, png = _result(page)
     assert info["points"] == [[list(h), list(t)] for h, t in pairs]  # exact image pixels, through the scaling
+    assert info["mask"] is not None, "the engine got no mask"
     m = np.asarray(Image.open(io.BytesIO(base64.b64decode(info["mask"].split(",", 1)[1]))).convert("L")) > 0
     assert m.shape == (128, 384) and m[16:25, 22:118].all()  # the stroke, brush radius 10 px
     assert not m[:, 140:].any() and not m[40:].any()  # and nothing else
