@@ -136,7 +136,7 @@ def _start(page):
 def _run(page, expect="Done"):
     _start(page)
     page.wait_for_function("(() => { const t = document.querySelector('#fd-status');"
-                           " return t && /Done|Error|Stopped/.test(t.textContent); })()", timeout=300_000)
+                           " return t && /Done|Error|error|Stopped/.test(t.textContent); })()", timeout=300_000)
     text = page.locator("#fd-status").inner_text()
     assert expect in text, text
     return text
@@ -252,7 +252,7 @@ def test_two_sessions_at_once_get_their_own_results(browser, app_url, tmp_path, 
     for page in pages:
         _start(page)  # both queued at once; the engine runs them one after the other
     for page, (path, pair) in zip(pages, jobs):
-        page.wait_for_function("/Done|Error/.test(document.querySelector('#fd-status').textContent)",
+        page.wait_for_function("/Done|Error|error/.test(document.querySelector('#fd-status').textContent)",
                                timeout=300_000)
         info, png = _result(page)
         assert info["points"] == [[list(pair[0]), list(pair[1])]]
