@@ -15,8 +15,19 @@ demo: $(VENV)/.installed
 	$(PY) -m fastdrag demo --out demo.png
 
 # One thread by default: with two cores shared, torch's OpenMP threads spin against each other (10x slowdowns seen).
-test: $(VENV)/.installed
+# The browser tests (tests/test_ui_browser.py) drive Debian's chromium; install it when missing and root (CI).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "make: $(CHROMIUM) missing (sudo apt-get install chromium); the browser tests will skip"; fi; }
+
+test: $(VENV)/.installed browser
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
+
+# The web UI on the built-in tiny model (random weights); MODEL=runwayml/stable-diffusion-v1-5 for real edits.
+MODEL ?= tiny
+ui: $(VENV)/.installed
+	$(PY) -m fastdrag ui --model $(MODEL)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.latency
@@ -30,7 +41,7 @@ $(GPU_IMAGE_VENV)/.installed: setup.py constraints-gpu-image.txt
 	$(GPU_IMAGE_VENV)/bin/python -m pip install -q -c constraints-gpu-image.txt -e '.[test]'
 	touch $@
 
-test-gpu-image: $(GPU_IMAGE_VENV)/.installed
+test-gpu-image: $(GPU_IMAGE_VENV)/.installed browser
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(GPU_IMAGE_VENV)/bin/python -m pytest -q tests
 
-.PHONY: install demo test bench test-gpu-image
+.PHONY: install demo test bench test-gpu-image ui browser

@@ -10,7 +10,7 @@ setup(
     packages=["fastdrag", "fastdrag.methods", "fastdrag.kernels", "fastdrag.benchmarks", "fastdrag.assets",
               "fastdrag.eval", "fastdrag.eval.metrics"],
     package_dir={"fastdrag.kernels": "kernels", "fastdrag.benchmarks": "benchmarks"},  # `fastdrag bench` runs them
-    package_data={"fastdrag.assets": ["*.png", "tiny_tokenizer/*"]},
+    package_data={"fastdrag.assets": ["*.png", "*.js", "tiny_tokenizer/*"]},
     install_requires=[
         "torch>=2.4,<3",  # 2.13.0 here (CPU wheel), 2.11 on the GPU image
         "triton>=3.0",
@@ -23,6 +23,7 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "ray>=2.40"], "eval": ["ray>=2.40"]},
+    extras_require={"test": ["pytest>=8", "gradio>=6,<7", "playwright>=1.50", "ray>=2.40"], "ui": ["gradio>=6,<7"],
+                    "eval": ["ray>=2.40"]},
     entry_points={"console_scripts": ["fastdrag=fastdrag.cli:main"]},
 )

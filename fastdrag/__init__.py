@@ -7,12 +7,12 @@
 from .api import Editor, EditResult, edit
 from .config import (CLIPDragConfig, DragDiffusionConfig, DragTextConfig, GoodDragConfig, PRESETS,
                      make_config)
-from .errors import ConfigError, FastDragError, InvalidInputError, ModelLoadError
+from .errors import Cancelled, ConfigError, FastDragError, InvalidInputError, ModelLoadError
 from .inputs import pairs_from_flat
 from .model import DragModel, load_model
 from .pipeline import Progress
 
 __version__ = "0.1.0"
 __all__ = ["edit", "Editor", "EditResult", "load_model", "DragModel", "Progress", "make_config", "PRESETS",
-           "DragDiffusionConfig", "DragTextConfig", "GoodDragConfig", "CLIPDragConfig", "FastDragError",
+           "DragDiffusionConfig", "DragTextConfig", "GoodDragConfig", "CLIPDragConfig", "FastDragError", "Cancelled",
            "InvalidInputError", "ConfigError", "ModelLoadError", "pairs_from_flat"]

@@ -156,7 +156,11 @@ class Editor:
     def edit(self, image, points, *, mask=None, prompt: str = "", method: str = "dragdiffusion", seed: int = 42,
              progress: Callable[[Progress], None] | None = None, preset: str | None = None, lora=None,
              resize_width: int | None = None, **overrides) -> EditResult:
-        """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit."""
+        """Drag `points` = [((hx, hy), (tx, ty)), ...] (image pixels) in `image`. See fastdrag.edit.
+
+        `progress` may raise fastdrag.Cancelled to stop the edit; any exception out of an edit (a cancel, an error)
+        leaves the model (LoRA adapter and weights, merged weights, dtype) and this Editor's caches as they were
+        before the call."""
         cfg = _make_config(method, preset, overrides)
         seed = _check_seed(seed)
         if progress is not None and not callable(progress):
@@ -172,7 +176,33 @@ class Editor:
         if lora is not None and cfg.lora_steps == 0:
             raise ConfigError(f"lora={lora!r} and lora_steps=0 (no LoRA) contradict each other; drop one")
         with self.model.lock:  # one edit at a time per model: the weights, LoRA and processors are shared state
-            return self._edit(req, cfg, method, seed, progress, lora)
+            saved = self._save_state()
+            try:
+                return self._edit(req, cfg, method, seed, progress, lora)
+            except BaseException:  # a cancel, an error, Ctrl-C: put the model and the caches back
+                self._restore_state(saved)
+                raise
+
+    def _save_state(self) -> tuple:
+        from .lora import get_lora
+
+        return (get_lora(self.model.unet), _adapters_enabled(self.model.unet), self.model.dtype,
+                OrderedDict(self._prepared), OrderedDict(self._loras), dict(self._compiled))
+
+    def _restore_state(self, saved: tuple) -> None:
+        from .lora import remove_adapter, set_lora
+
+        weights, enabled, dtype, prepared, loras, compiled = saved
+        unet = self.model.unet
+        if weights is None:
+            remove_adapter(unet)  # the interrupted call added it
+        else:
+            set_lora(unet, weights)
+            if not enabled:
+                unet.disable_adapters()
+        if self.model.dtype != dtype:
+            self.model.to(dtype=dtype)
+        self._prepared, self._loras, self._compiled = prepared, loras, compiled
 
     def _edit(self, req, cfg: BaseConfig, method: str, seed: int, progress, lora) -> EditResult:
         t0 = time.perf_counter()
@@ -181,7 +211,7 @@ class Editor:
         if self.model.dtype != ex.dtype:
             self.model.to(dtype=ex.dtype)
         PREFLIGHT[method](self.model, cfg, req)  # what the method loads (CLIP) fails now, not after the LoRA fit
-        reporter = Reporter(progress, self.model.device)
+        reporter = Reporter(progress, self.model.device, to_image=req.to_image_points)
         prep = self._prepare(req, cfg, seed, ex, reporter, loaded)
         uf = self._unet_pass(cfg.unet_feature_idx) if ex.compile_unet else UNetFeatures(self.model.unet,
                                                                                        cfg.unet_feature_idx)
@@ -263,6 +293,12 @@ def _load_lora(folder, model: DragModel, cfg: BaseConfig, req) -> LoadedLora:
                       f"{info.get('image_sha1', '')[:12]}..., size {info.get('image_size')}); the edit uses it anyway",
                       UserWarning, stacklevel=4)
     return loaded
+
+
+def _adapters_enabled(unet) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) and not m.disable_adapters for m in unet.modules())
 
 
 def _check_model(model) -> None:

@@ -339,6 +339,11 @@ def _add_bench_parsers(pb: argparse.ArgumentParser) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ui"]:  # its own parser (fastdrag/ui.py), behind the optional gradio extra
+        from . import ui
+
+        return ui.main(argv[1:])
     ap = argparse.ArgumentParser(prog="fastdrag", description="Point-based (drag) image editing on SD-1.5.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -379,6 +384,8 @@ def main(argv=None) -> int:
     from .eval.command import add_eval_arguments
 
     add_eval_arguments(pv)
+
+    sub.add_parser("ui", help="the web UI (pip install fastdrag[ui]); fastdrag ui --help for its options")
 
     pb = sub.add_parser("bench", help="benchmarks: latency per stage and the fast-path waterfall; the Triton kernels",
                         formatter_class=argparse.RawDescriptionHelpFormatter,

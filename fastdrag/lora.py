@@ -165,3 +165,16 @@ def fit_lora(model, image: Image.Image, text_emb: torch.Tensor, *, steps: int, l
         for p in params:
             p.requires_grad_(False)
     return get_lora(unet)
+
+
+def remove_adapter(unet) -> None:
+    """Take the fastdrag adapter out of the UNet entirely: every LoRA-wrapped projection is replaced by its base layer
+    and the UNet's peft bookkeeping is dropped, so that it is the module it was before any adapter was added."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in list(unet.named_modules()):
+        if isinstance(m, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, m.get_base_layer())
+    unet.__dict__.pop("peft_config", None)
+    unet.__dict__.pop("_hf_peft_config_loaded", None)

@@ -39,19 +39,33 @@ class Progress:
     stage: str  # "lora" | "invert" | "reference" (GoodDrag's unedited trajectory) | "drag" | "denoise"
     step: int
     total: int
+    _handles: Callable[[], list[tuple[float, float]]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def handles(self) -> list[tuple[float, float]] | None:
+        """The handles' current positions, image pixels (x, y), during the drag (None in the other stages).
+        Computed when read: a callback that never reads it costs the drag loop no host sync."""
+        return None if self._handles is None else self._handles()
 
 
 class Reporter:
     """Forwards stage progress to a user callback (front ends) and collects per-stage wall time."""
 
-    def __init__(self, callback: Callable[[Progress], None] | None, device: torch.device):
+    def __init__(self, callback: Callable[[Progress], None] | None, device: torch.device,
+                 to_image: Callable[[torch.Tensor], list[tuple[float, float]]] | None = None):
         self.callback = callback
         self.device = device
+        self.to_image = to_image  # supervision-grid (row, col) handles -> image (x, y), for Progress.handles
         self.timings: dict[str, float] = {}
 
-    def __call__(self, stage: str, step: int, total: int) -> None:
-        if self.callback is not None:
-            self.callback(Progress(stage, step, total))
+    def __call__(self, stage: str, step: int, total: int, handles: torch.Tensor | None = None) -> None:
+        if self.callback is None:
+            return
+        lazy = None
+        if handles is not None and self.to_image is not None:
+            snap = handles.detach().clone()  # the loop updates its handles in place; a device copy, no sync
+            lazy = lambda: self.to_image(snap)  # noqa: E731
+        self.callback(Progress(stage, step, total, lazy))
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -210,7 +210,7 @@ def optimize_latent(ctx: DragContext, *, z_init: torch.Tensor, t: int, c: torch.
                 loop.tail()
                 if graph_on and step == 1:
                     graph = capture_graph(loop.iteration)
-            ctx.reporter("drag", step + 1, n_steps)
+            ctx.reporter("drag", step + 1, n_steps, handles=loop.handles)
     rec = loop.rec
     live = rec.series("live", iters) if "live" in rec.buffers else torch.zeros(0, dtype=torch.bool)
     per_live_step = (set(rec.buffers) | {"ms_loss"}) - {"handles", "live"}  # ms_loss: empty if no tail ran

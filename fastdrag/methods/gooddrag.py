@@ -142,7 +142,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
         masked_step(opt, z, g)
         st.losses.append(loss_ms.detach())
         steps += 1
-        ctx.reporter("drag", sum(st.steps_per_timestep) + steps, st.max_steps)
+        ctx.reporter("drag", sum(st.steps_per_timestep) + steps, st.max_steps, handles=handles)
         cur += 1
         if cur == cfg.max_drag_per_track:
             # Tracking uses Fm from the top of this iteration, i.e. from before this Adam step: the official
