@@ -220,7 +220,7 @@ class CountingReporter:
         self.params_with_grad: dict = collections.defaultdict(set)
         self._model = model
 
-    def __call__(self, stage, step, total):
+    def __call__(self, stage, step, total, handles=None):  # as pipeline.Reporter
         pass
 
     @contextlib.contextmanager

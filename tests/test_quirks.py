@@ -187,7 +187,9 @@ def test_gooddrag_mask_term_without_a_mask(editor, img, monkeypatch):
 
     def spy(schedule, eps, t, z, x_prev0, mask, **kw):
         out = real(schedule, eps, t, z, x_prev0, mask, **kw)
-        calls.append((schedule.step(eps.detach().float(), t, z.detach()) - x_prev0, mask, out))
+        # eps is None where no term is computed (fixed mode, no mask: the pass stops after the feature block)
+        diff = None if eps is None else schedule.step(eps.detach().float(), t, z.detach()) - x_prev0
+        calls.append((diff, mask, out))
         return out
 
     monkeypatch.setattr(gd, "mask_term", spy)
