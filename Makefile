@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 # The browser tests (tests/test_ui_browser.py) drive Debian's chromium; install it when missing and root (CI).
 CHROMIUM ?= /usr/bin/chromium
 browser:
-	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "make: $(CHROMIUM) missing (sudo apt-get install chromium); the browser tests will skip"; fi; }
 
 test: $(VENV)/.installed browser
