@@ -40,6 +40,19 @@ def image():
     return smooth_image()
 
 
+@pytest.fixture(scope="module")
+def editor(tiny_model):
+    """One Editor per test module: its preparations (LoRA, inversion, references) are shared by the module's tests."""
+    import fastdrag
+
+    return fastdrag.Editor(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def img():
+    return smooth_image()
+
+
 # small settings that keep a full edit around a few seconds on 2 CPU cores
 FAST = dict(lora_steps=4, n_pix_step=8)
 

@@ -25,11 +25,6 @@ OPS = [pytest.param(reference_ops, id="reference"), pytest.param(fast_ops, id="f
 
 
 @pytest.fixture(scope="module")
-def editor(tiny_model):
-    return fastdrag.Editor(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def local_only(editor, image_module):
     """z after the drag with lam = 0 (G = G_l), source prompt empty, CLIP following "a red ball"."""
     res = editor.edit(image_module, PTS, prompt="", method="clipdrag", edit_prompt="a red ball", fuse_cof=0.0, **CD)

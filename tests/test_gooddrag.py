@@ -22,7 +22,7 @@ from fastdrag.methods import gooddrag as gd
 from fastdrag.model import make_scheduler
 from fastdrag.unet import UNetFeatures
 
-from .conftest import smooth_image, spy_text_updates_and_mask_terms
+from .conftest import spy_text_updates_and_mask_terms
 
 DRAG_TS = [741, 721, 701, 681, 661, 641, 621]
 # one pair, 24 supervision px from handle (row 32, col 20) to target (row 32, col 44), far from the border
@@ -31,17 +31,6 @@ POINTS = [((40, 64), (88, 64))]
 # schedule test uses the real one.
 QUICK = dict(lora_steps=0, max_track_no_change=100, inversion_strength=0.16)
 TS = list(range(141, 0, -20))
-
-
-@pytest.fixture(scope="module")
-def editor(tiny_model):
-    """One Editor for the module: the inversion (and the reference trajectory, per handles) is prepared once."""
-    return fastdrag.Editor(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def img():
-    return smooth_image()
 
 
 @contextlib.contextmanager

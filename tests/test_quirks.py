@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastdrag
 from fastdrag import ConfigError, pipeline
@@ -26,18 +25,6 @@ GD = dict(method="gooddrag", prompt=PROMPT, lora_steps=0, inversion_strength=0.1
           max_drag_per_track=1, max_track_no_change=100)
 CD = dict(method="clipdrag", lora_steps=0, n_inference_step=5, inversion_strength=0.6, n_pix_step=3, clip_model="tiny")
 FROZEN = dict(latent_lr=1e-30, text_lr=1e-30)  # z and c_hat stay bit for bit: every forward is the first one
-
-
-@pytest.fixture(scope="module")
-def editor(tiny_model):
-    return fastdrag.Editor(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def img():
-    from .conftest import smooth_image
-
-    return smooth_image()
 
 
 def record_steps(monkeypatch):
