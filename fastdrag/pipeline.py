@@ -556,6 +556,12 @@ def mask_term(schedule: Schedule, eps: torch.Tensor, t: int, z: torch.Tensor, x_
     return ((schedule.step(eps.float(), t, z) - x_prev0) * (1 - mask)).abs().sum()
 
 
+def term_without_mask(cfg: BaseConfig, always: bool) -> bool:
+    """Whether a drag loss computes its mask term with no mask (mask_term's `always`: the released code's always-on
+    term under quirks="official"), unless lam = 0 leaves it no weight. Then eps and x_prev0 are needed too."""
+    return always and cfg.lam != 0
+
+
 def loss_mask(cfg: BaseConfig, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The mask a drag loss reads: None where its mask term has weight lam = 0, so that nothing computes the term
     (and the drag's UNet pass, whose eps only the term reads, stops after the feature block)."""

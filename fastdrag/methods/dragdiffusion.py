@@ -15,7 +15,7 @@ import torch
 
 from ..compile import capture_graph, graph_warmup
 from ..pipeline import (DragContext, TextLeaf, denoise_pair, loss_mask, mask_term, masked_step, motion_step,
-                        reached_on_device)
+                        reached_on_device, term_without_mask)
 from . import MethodOutput, register
 
 
@@ -84,7 +84,7 @@ class LatentLoop:
         self.ctx, self.t, self.c, self.x_prev0, self.targets, self.mask = ctx, t, c, x_prev0, targets, mask
         self.r_m, self.r_p, self.step_cap, self.closer_only = r_m, r_p, step_cap, closer_only
         self.grad_transform, self.mask_updates = grad_transform, mask_updates
-        self.mask_always = mask_always and cfg.lam != 0  # the mask term without a mask (official); lam = 0: no term
+        self.mask_always = term_without_mask(cfg, mask_always)
         self.with_eps = mask is not None or self.mask_always  # eps is read only by the mask term
         self.weight = float((2 * r_m + 1) ** 2) if ms_weight is None else ms_weight
         self.handles_init = handles.clone()
@@ -230,7 +230,7 @@ def drag_at_edit_timestep(ctx: DragContext, **loop_kwargs) -> MethodOutput:
     t = sched.t_edit
     handles, targets = ctx.req.feature_points(ctx.device)
     mask = loss_mask(cfg, ctx.req.latent_mask(tuple(prep.zt.shape[-2:]), ctx.device))
-    need_x_prev = mask is not None or (loop_kwargs.get("mask_always", False) and cfg.lam != 0)
+    need_x_prev = mask is not None or term_without_mask(cfg, loop_kwargs.get("mask_always", False))
     feat0, x_prev0 = cached_reference(ctx, t, need_x_prev=need_x_prev) or (None, None)
     with ctx.reporter.stage("drag"):
         res = optimize_latent(ctx, z_init=prep.zt, t=t, c=prep.text_emb, feat0=feat0, x_prev0=x_prev0,

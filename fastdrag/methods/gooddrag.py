@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..pipeline import DragContext, TextLeaf, denoise_pair, loss_mask, mask_term, masked_step, motion_step, reached
+from ..pipeline import (DragContext, TextLeaf, denoise_pair, loss_mask, mask_term, masked_step, motion_step, reached,
+                        term_without_mask)
 from . import MethodOutput, register
 
 
@@ -86,7 +87,7 @@ def drag_phase(ctx: DragContext, st: DragState, *, z_t: torch.Tensor, t: int, c:
     cfg, ops, sched, dtype = ctx.cfg, ctx.ops, ctx.prep.schedule, ctx.model.dtype
     stop, r1, r2 = cfg.stop_distance, cfg.r1, cfg.r2
     official = cfg.quirks == "official"  # the released code's mask term and text gradient (docs/deviations.md)
-    term_always = official and cfg.lam != 0  # the mask term without a mask (official); lam = 0 computes no term
+    term_always = term_without_mask(cfg, official)  # official GoodDrag adds the term without a mask too
     with_eps = mask is not None or term_always  # eps is read only by the mask term
     weight = float((2 * r1) ** 2)  # official (2 r1)^2, not the (2 r1 + 1)^2 patch size
 
